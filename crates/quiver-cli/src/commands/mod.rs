@@ -1,0 +1,62 @@
+//! One module per subcommand.
+
+mod convert;
+mod fetch;
+mod generate;
+mod score;
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use quiver_core::LoadedModel;
+
+use crate::args::{Cli, Command, GlobalArgs, ModelArgs};
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Fetch(a) => fetch::run(g, a),
+        Command::Generate(a) => generate::run(g, a),
+        Command::Score(a) => score::run(g, a),
+        Command::Convert(a) => convert::run(g, a),
+    }
+}
+
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        _ => {
+            let ordinal = match s.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(rest) => rest
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse().ok())
+                    .with_context(|| format!("--device `{s}`: expected cpu, cuda or cuda:N"))?,
+                None => bail!("--device `{s}`: expected cpu, cuda or cuda:N"),
+            };
+            Device::new_cuda(ordinal).with_context(|| {
+                format!("--device {s}: CUDA is not available (build with `--features cuda` on a machine with a GPU)")
+            })
+        }
+    }
+}
+
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        _ => bail!("--dtype `{s}`: expected f32, bf16 or f16"),
+    }
+}
+
+/// Loads `--model` with a spinner.
+pub fn load_model(g: &GlobalArgs, m: &ModelArgs) -> Result<LoadedModel> {
+    let device = parse_device(&m.device)?;
+    let dtype = parse_dtype(&m.dtype)?;
+    let sp = crate::progress::spinner(g, &format!("loading {}", m.model));
+    let loaded = quiver_core::load(&m.model, &device, dtype);
+    sp.finish_and_clear();
+    Ok(loaded?)
+}

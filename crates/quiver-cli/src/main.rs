@@ -1,0 +1,29 @@
+//! The `quiver` binary: parses flags, runs the command, prints the error
+//! chain. All the work happens in `quiver-core`.
+
+mod args;
+mod commands;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = args::Cli::parse();
+    progress::init_logging(&cli.global);
+    match commands::run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            let mut msg = format!("error: {err}");
+            for cause in err.chain().skip(1) {
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg.push_str(&format!(": {c}"));
+                }
+            }
+            eprintln!("{msg}");
+            ExitCode::from(1)
+        }
+    }
+}

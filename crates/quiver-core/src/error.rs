@@ -1,0 +1,79 @@
+//! Typed errors of the core library.
+//!
+//! Every variant renders as one sentence that names the offending file or
+//! value, so the binary can print it as-is without a backtrace.
+
+use std::path::PathBuf;
+
+/// Result alias used across `quiver-core`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: no such file or directory")]
+    NotFound { path: PathBuf },
+
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    #[error("{path}: invalid model config: {msg}")]
+    Config { path: PathBuf, msg: String },
+
+    #[error("{path}: not a valid GGUF file: {msg}")]
+    Gguf { path: PathBuf, msg: String },
+
+    #[error("{path}: not a valid safetensors file: {msg}")]
+    Safetensors { path: PathBuf, msg: String },
+
+    #[error("{path}: weight `{name}` is missing")]
+    MissingWeight { path: PathBuf, name: String },
+
+    #[error("{path}: weight `{name}` has shape {got:?}, expected {expected:?}")]
+    WeightShape {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error("the input has {tokens} tokens but the model's context window is {max} tokens")]
+    ContextTooLong { tokens: usize, max: usize },
+
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    #[error("asset `{name}` is not available: {msg}")]
+    Asset { name: String, msg: String },
+
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        let path = path.into();
+        if source.kind() == std::io::ErrorKind::NotFound {
+            Error::NotFound { path }
+        } else {
+            Error::Io { path, source }
+        }
+    }
+
+    pub(crate) fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidArgument(msg.into())
+    }
+}

@@ -1,0 +1,17 @@
+//! Quiver's core library: a Llama-family runtime with LoRA injection
+//! points, and (as it grows) the expert library, library transforms,
+//! routing, training and evaluation of "Towards Modular LLMs by Building
+//! and Reusing a Library of LoRAs" (Ostapenko et al., ICML 2024).
+
+pub mod assets;
+pub mod error;
+pub mod generate;
+pub mod lora;
+pub mod model;
+pub mod models;
+pub mod ops;
+pub mod score;
+pub mod tokenizer;
+
+pub use error::{Error, Result};
+pub use model::{load, LoadedModel, ModelSource};

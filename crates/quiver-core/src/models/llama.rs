@@ -1,0 +1,459 @@
+//! Llama-family decoder (Llama, Mistral, Qwen2-style biases, SmolLM).
+//!
+//! Our own model code rather than candle-transformers': every projection is
+//! a [`LoraLinear`], the ops switch between fused and differentiable forms
+//! by themselves (`crate::ops`), and the KV cache can be cloned so that one
+//! context is encoded once and reused for several continuations.
+
+use candle_core::{DType, Device, Module, Tensor};
+
+use super::config::LlamaConfig;
+use super::weights::WeightMap;
+use crate::error::{Error, Result};
+use crate::lora::LoraLinear;
+use crate::ops;
+
+/// Per-layer cached keys and values.
+///
+/// Cloning is cheap (tensors are reference counted), which is how a shared
+/// prefix is reused.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+        }
+    }
+
+    /// Number of positions already cached.
+    pub fn seq_len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dims()[2])
+            .unwrap_or(0)
+    }
+
+    /// Batch size of the cached sequences, if any.
+    pub fn batch_size(&self) -> Option<usize> {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dims()[0])
+    }
+
+    /// Repeats a batch-1 cache `n` times along the batch dimension.
+    pub fn expand_batch(&self, n: usize) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match l {
+                None => Ok(None),
+                Some((k, v)) => Ok(Some((k.repeat((n, 1, 1, 1))?, v.repeat((n, 1, 1, 1))?))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { layers })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: LoraLinear,
+    k_proj: LoraLinear,
+    v_proj: LoraLinear,
+    o_proj: LoraLinear,
+    n_head: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &LlamaConfig, w: &WeightMap, prefix: &str) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_kv_heads());
+        let qkv_bias = cfg.qkv_bias();
+        Ok(Self {
+            q_proj: linear(w, &format!("{prefix}.q_proj"), nh * hd, h, qkv_bias)?,
+            k_proj: linear(w, &format!("{prefix}.k_proj"), nkv * hd, h, qkv_bias)?,
+            v_proj: linear(w, &format!("{prefix}.v_proj"), nkv * hd, h, qkv_bias)?,
+            o_proj: linear(w, &format!("{prefix}.o_proj"), h, nh * hd, cfg.o_bias())?,
+            n_head: nh,
+            n_kv_head: nkv,
+            head_dim: hd,
+        })
+    }
+
+    /// # Shapes
+    /// * `xs`: `(b_sz, seq_len, hidden)`; `cos`, `sin`: `(seq_len, head_dim / 2)`;
+    ///   `mask`: `(seq_len, kv_len)` additive, or `None` for one query.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b_sz, seq_len, _) = xs.dims3()?;
+        let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
+        let q = self.q_proj.forward(xs)?;
+        let k = self.k_proj.forward(xs)?;
+        let v = self.v_proj.forward(xs)?;
+        let q = q.reshape((b_sz, seq_len, nh, hd))?.transpose(1, 2)?;
+        let k = k.reshape((b_sz, seq_len, nkv, hd))?.transpose(1, 2)?;
+        let v = v
+            .reshape((b_sz, seq_len, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = ops::rope(&q, cos, sin)?;
+        let k = ops::rope(&k, cos, sin)?;
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(slot) => {
+                let kv = match slot.take() {
+                    None => (k, v),
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                };
+                *slot = Some(kv.clone());
+                kv
+            }
+        };
+        let kv_len = k.dims()[2];
+        // Grouped-query attention without copying K/V: fold the query heads
+        // that share a KV head into the sequence dimension.
+        let rep = nh / nkv;
+        let q = q.contiguous()?.reshape((b_sz, nkv, rep * seq_len, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let att = (q.matmul(&k.t()?)? * scale)?;
+        let att = att.reshape((b_sz, nh, seq_len, kv_len))?;
+        let att = match mask {
+            Some(m) => att.broadcast_add(m)?,
+            None => att,
+        };
+        let att = ops::softmax_last_dim(&att)?;
+        let att = att.reshape((b_sz, nkv, rep * seq_len, kv_len))?;
+        let ys = att.matmul(&v)?; // (b, nkv, rep * seq, hd)
+        let ys = ys
+            .reshape((b_sz, nh, seq_len, hd))?
+            .transpose(1, 2)?
+            .reshape((b_sz, seq_len, nh * hd))?;
+        Ok(self.o_proj.forward(&ys)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: LoraLinear,
+    up_proj: LoraLinear,
+    down_proj: LoraLinear,
+}
+
+impl Mlp {
+    fn new(cfg: &LlamaConfig, w: &WeightMap, prefix: &str) -> Result<Self> {
+        let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Self {
+            gate_proj: linear(w, &format!("{prefix}.gate_proj"), i, h, bias)?,
+            up_proj: linear(w, &format!("{prefix}.up_proj"), i, h, bias)?,
+            down_proj: linear(w, &format!("{prefix}.down_proj"), h, i, bias)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = self.gate_proj.forward(xs)?.silu()?;
+        let up = self.up_proj.forward(xs)?;
+        self.down_proj.forward(&(gate * up)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_layernorm: Tensor,
+    self_attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+    eps: f64,
+}
+
+impl Block {
+    fn new(cfg: &LlamaConfig, w: &WeightMap, i: usize) -> Result<Self> {
+        let p = format!("model.layers.{i}");
+        let h = cfg.hidden_size;
+        Ok(Self {
+            input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+            self_attn: Attention::new(cfg, w, &format!("{p}.self_attn"))?,
+            post_attention_layernorm: w
+                .get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            mlp: Mlp::new(cfg, w, &format!("{p}.mlp"))?,
+            eps: cfg.rms_norm_eps,
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let h = ops::rms_norm(xs, &self.input_layernorm, self.eps)?;
+        let xs = (xs + self.self_attn.forward(&h, cos, sin, mask, cache)?)?;
+        let h = ops::rms_norm(&xs, &self.post_attention_layernorm, self.eps)?;
+        Ok((&xs + self.mlp.forward(&h)?)?)
+    }
+}
+
+fn linear(w: &WeightMap, name: &str, out: usize, inp: usize, bias: bool) -> Result<LoraLinear> {
+    let weight = w.get(&format!("{name}.weight"), &[out, inp])?;
+    let bias = if bias {
+        Some(w.get(&format!("{name}.bias"), &[out])?)
+    } else {
+        w.get_opt(&format!("{name}.bias"), &[out])?
+    };
+    Ok(LoraLinear::new(name, weight, bias))
+}
+
+/// A Llama-family causal language model.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed_tokens: Tensor,
+    layers: Vec<Block>,
+    norm: Tensor,
+    lm_head: LoraLinear,
+    /// `(max_position_embeddings, head_dim / 2)`
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+    dtype: DType,
+}
+
+impl Llama {
+    /// Builds the model from Hugging Face-named weights.
+    pub fn new(cfg: &LlamaConfig, w: &WeightMap, device: &Device) -> Result<Self> {
+        cfg.validate().map_err(|msg| Error::Config {
+            path: w.source.clone(),
+            msg,
+        })?;
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let embed_tokens = w.get("model.embed_tokens.weight", &[v, h])?;
+        let dtype = embed_tokens.dtype();
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Block::new(cfg, w, i))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = w.get("model.norm.weight", &[h])?;
+        let lm_head = match w.get_opt("lm_head.weight", &[v, h])? {
+            Some(t) if !cfg.tie_word_embeddings => LoraLinear::new("lm_head", t, None),
+            _ => LoraLinear::new("lm_head", embed_tokens.clone(), None),
+        };
+        let inv_freq = cfg.inv_freq();
+        let half = inv_freq.len();
+        let max_pos = cfg.max_position_embeddings;
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+        let t = Tensor::arange(0u32, max_pos as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((max_pos, 1))?;
+        let freqs = t.broadcast_mul(&inv_freq)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Every linear layer of the model, with its Hugging Face module name:
+    /// the injection points for adapters.
+    pub fn linears(&self) -> Vec<&LoraLinear> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7 + 1);
+        for b in &self.layers {
+            let a = &b.self_attn;
+            out.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]);
+            let m = &b.mlp;
+            out.extend([&m.gate_proj, &m.up_proj, &m.down_proj]);
+        }
+        out.push(&self.lm_head);
+        out
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut LoraLinear> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7 + 1);
+        for b in &mut self.layers {
+            let a = &mut b.self_attn;
+            out.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]);
+            let m = &mut b.mlp;
+            out.extend([&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]);
+        }
+        out.push(&mut self.lm_head);
+        out
+    }
+
+    /// Every tensor of the base model by Hugging Face name, as a checkpoint
+    /// would store it (the tied `lm_head` is left out when tied).
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        )];
+        for (i, b) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                b.input_layernorm.clone(),
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                b.post_attention_layernorm.clone(),
+            ));
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        for lin in self.linears() {
+            if lin.name() == "lm_head" && self.cfg.tie_word_embeddings {
+                continue;
+            }
+            out.push((format!("{}.weight", lin.name()), lin.weight().clone()));
+            if let Some(b) = lin.bias() {
+                out.push((format!("{}.bias", lin.name()), b.clone()));
+            }
+        }
+        out
+    }
+
+    /// Final hidden states (after the last norm).
+    ///
+    /// # Shapes
+    /// * `input_ids`: `(b_sz, seq_len)` u32; returns `(b_sz, seq_len, hidden)`.
+    ///
+    /// With a cache, positions continue after the cached ones and the new
+    /// keys and values are appended. Sequences in a batch are aligned on the
+    /// left: pad on the right, and ignore the padded positions' outputs.
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b_sz, seq_len) = input_ids.dims2()?;
+        let offset = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
+        let max = self.cfg.max_position_embeddings;
+        if offset + seq_len > max {
+            return Err(Error::ContextTooLong {
+                tokens: offset + seq_len,
+                max,
+            });
+        }
+        if let Some(cb) = cache.as_ref().and_then(|c| c.batch_size()) {
+            if cb != b_sz {
+                return Err(Error::invalid(format!(
+                    "the KV cache holds {cb} sequences but the input has {b_sz}"
+                )));
+            }
+        }
+        let vocab = self.cfg.vocab_size as u32;
+        let ids = input_ids.flatten_all()?.to_vec1::<u32>()?;
+        if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
+            return Err(Error::invalid(format!(
+                "token id {bad} is outside the vocabulary ({vocab} tokens)"
+            )));
+        }
+        let mut xs = self
+            .embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b_sz, seq_len, self.cfg.hidden_size))?;
+        let cos = self.cos.narrow(0, offset, seq_len)?;
+        let sin = self.sin.narrow(0, offset, seq_len)?;
+        let mask = if seq_len > 1 {
+            Some(causal_mask(seq_len, offset, self.dtype, &self.device)?)
+        } else {
+            None
+        };
+        match cache {
+            None => {
+                for block in &self.layers {
+                    xs = block.forward(&xs, &cos, &sin, mask.as_ref(), None)?;
+                }
+            }
+            Some(cache) => {
+                for (block, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+                    xs = block.forward(&xs, &cos, &sin, mask.as_ref(), Some(slot))?;
+                }
+            }
+        }
+        Ok(ops::rms_norm(&xs, &self.norm, self.cfg.rms_norm_eps)?)
+    }
+
+    /// Logits from hidden states.
+    ///
+    /// # Shapes
+    /// * `hidden`: `(.., hidden)`; returns `(.., vocab)`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(hidden)?)
+    }
+
+    /// Logits for every position.
+    ///
+    /// # Shapes
+    /// * `input_ids`: `(b_sz, seq_len)`; returns `(b_sz, seq_len, vocab)`.
+    pub fn forward(&self, input_ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let hidden = self.forward_hidden(input_ids, cache)?;
+        self.logits(&hidden)
+    }
+
+    /// Logits of the last position only, `(b_sz, vocab)`: what generation needs.
+    pub fn forward_last(&self, input_ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let hidden = self.forward_hidden(input_ids, cache)?;
+        let seq_len = hidden.dim(1)?;
+        let last = hidden.narrow(1, seq_len - 1, 1)?.squeeze(1)?;
+        self.logits(&last)
+    }
+}
+
+/// Additive causal mask for `seq_len` queries after `offset` cached keys.
+fn causal_mask(seq_len: usize, offset: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let kv_len = offset + seq_len;
+    let mask: Vec<f32> = (0..seq_len)
+        .flat_map(|i| {
+            (0..kv_len).map(move |j| {
+                if j > i + offset {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (seq_len, kv_len), device)?.to_dtype(dtype)?)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn model_is_send_and_sync() {
+        fn is<T: Send + Sync>() {}
+        is::<super::Llama>();
+    }
+}
