@@ -133,7 +133,7 @@ mod tests {
         let cos = Tensor::ones((3, 2), DType::F32, &dev)?;
         let sin = Tensor::zeros((3, 2), DType::F32, &dev)?;
         let y = softmax_last_dim(&rope(&rms_norm(v.as_tensor(), &w, 1e-5)?, &cos, &sin)?)?;
-        let loss = (y.sqr()?.sum_all()?)?;
+        let loss = y.sqr()?.sum_all()?;
         let grads = loss.backward()?;
         let g = grads
             .get(v.as_tensor())

@@ -105,3 +105,66 @@ fn safetensors_header_check<'a>(
     })?;
     Ok(st.tensors())
 }
+
+impl WeightMap {
+    /// Deterministic random weights for `cfg` (normal, std `0.2`; norms near 1):
+    /// tiny models for tests and benchmarks, as mttl's `make_tiny_llama`.
+    pub fn random(cfg: &super::LlamaConfig, seed: u64, device: &Device) -> Result<Self> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut normal = |shape: &[usize], mean: f32, std: f32| -> Result<Tensor> {
+            let n: usize = shape.iter().product();
+            // Box-Muller: no extra crate for a test helper.
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    let u1: f32 = rng.random::<f32>().max(1e-7);
+                    let u2: f32 = rng.random::<f32>();
+                    mean + std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+                })
+                .collect();
+            Ok(Tensor::from_vec(v, shape, device)?)
+        };
+        let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let mut t = HashMap::new();
+        t.insert("model.embed_tokens.weight".into(), normal(&[v, h], 0.0, 0.2)?);
+        t.insert("model.norm.weight".into(), normal(&[h], 1.0, 0.1)?);
+        if !cfg.tie_word_embeddings {
+            t.insert("lm_head.weight".into(), normal(&[v, h], 0.0, 0.2)?);
+        }
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            for (name, out, inp) in [
+                ("self_attn.q_proj", nh * hd, h),
+                ("self_attn.k_proj", nkv * hd, h),
+                ("self_attn.v_proj", nkv * hd, h),
+                ("self_attn.o_proj", h, nh * hd),
+                ("mlp.gate_proj", i, h),
+                ("mlp.up_proj", i, h),
+                ("mlp.down_proj", h, i),
+            ] {
+                t.insert(format!("{p}.{name}.weight"), normal(&[out, inp], 0.0, 0.2)?);
+            }
+            if cfg.qkv_bias() {
+                for (name, out) in [("q_proj", nh * hd), ("k_proj", nkv * hd), ("v_proj", nkv * hd)] {
+                    t.insert(format!("{p}.self_attn.{name}.bias"), normal(&[out], 0.0, 0.2)?);
+                }
+            }
+            t.insert(format!("{p}.input_layernorm.weight"), normal(&[h], 1.0, 0.1)?);
+            t.insert(format!("{p}.post_attention_layernorm.weight"), normal(&[h], 1.0, 0.1)?);
+        }
+        Ok(Self::new("<random>", t))
+    }
+}
+
+/// A tiny Llama config (hidden 16, 2 layers, 4 heads, 2 KV heads, vocab 64)
+/// for tests.
+pub fn tiny_config() -> super::LlamaConfig {
+    serde_json::from_value(serde_json::json!({
+        "model_type": "llama", "vocab_size": 64, "hidden_size": 16,
+        "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "max_position_embeddings": 64,
+        "rope_theta": 10000.0
+    }))
+    .expect("valid tiny config")
+}
