@@ -60,7 +60,27 @@ pub enum Error {
     Asset { name: String, msg: String },
 
     #[error("tensor error: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(strip_backtrace(e))
+    }
+}
+
+/// candle attaches a backtrace to errors when `RUST_BACKTRACE` is set and
+/// prints it as part of the message; users get one sentence instead.
+pub fn strip_backtrace(e: candle_core::Error) -> candle_core::Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => strip_backtrace(*inner),
+        other => other,
+    }
+}
+
+/// The message of a candle error without its backtrace.
+pub fn candle_msg(e: candle_core::Error) -> String {
+    strip_backtrace(e).to_string()
 }
 
 impl Error {

@@ -31,7 +31,7 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
-        if !(self.temperature >= 0.0) || !self.temperature.is_finite() {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
             return Err(Error::invalid(format!(
                 "--temperature must be >= 0, got {}",
                 self.temperature

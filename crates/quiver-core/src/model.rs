@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 use serde::Deserialize;
 
 use crate::assets;
-use crate::error::{Error, Result};
+use crate::error::{candle_msg, Error, Result};
 use crate::models::{gguf, Llama, LlamaConfig, WeightMap};
 use crate::tokenizer::Tokenizer;
 
@@ -193,7 +193,7 @@ pub fn write_hf_dir(model: &Llama, tokenizer: &Tokenizer, out: &Path) -> Result<
     let st = tmp.path().join("model.safetensors");
     candle_core::safetensors::save(&tensors, &st).map_err(|e| Error::Safetensors {
         path: st.clone(),
-        msg: e.to_string(),
+        msg: candle_msg(e),
     })?;
     let tok = tmp.path().join("tokenizer.json");
     std::fs::write(&tok, tokenizer.to_json()).map_err(|e| Error::io(&tok, e))?;

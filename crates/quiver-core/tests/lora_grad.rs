@@ -32,7 +32,11 @@ fn loss(model: &Llama, ids: &Tensor) -> Tensor {
     let (b, s) = ids.dims2().unwrap();
     let inputs = ids.narrow(1, 0, s - 1).unwrap();
     let targets = ids.narrow(1, 1, s - 1).unwrap().flatten_all().unwrap();
-    let logits = model.forward(&inputs, None).unwrap().reshape((b * (s - 1), ())).unwrap();
+    let logits = model
+        .forward(&inputs, None)
+        .unwrap()
+        .reshape((b * (s - 1), ()))
+        .unwrap();
     let logp = quiver_core::ops::log_softmax_last_dim(&logits).unwrap();
     let picked = logp.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap();
     picked.mean_all().unwrap().neg().unwrap()
@@ -52,8 +56,16 @@ fn gradients_reach_every_lora_and_base_stays_frozen() {
     let w = WeightMap::random(&cfg, 7, &Device::Cpu).unwrap();
     let mut model = Llama::new(&cfg, &w, &Device::Cpu).unwrap();
     let loras = attach_loras(&mut model, 4);
-    assert_eq!(loras.len(), cfg.num_hidden_layers * 7 + 1, "every linear layer is wrapped");
-    let ids = Tensor::new(&[[1u32, 5, 9, 13, 2, 40, 33, 7], [3, 3, 8, 21, 60, 11, 0, 4]], &Device::Cpu).unwrap();
+    assert_eq!(
+        loras.len(),
+        cfg.num_hidden_layers * 7 + 1,
+        "every linear layer is wrapped"
+    );
+    let ids = Tensor::new(
+        &[[1u32, 5, 9, 13, 2, 40, 33, 7], [3, 3, 8, 21, 60, 11, 0, 4]],
+        &Device::Cpu,
+    )
+    .unwrap();
     let before = snapshot(&model);
 
     let l0 = loss(&model, &ids);
@@ -63,12 +75,24 @@ fn gradients_reach_every_lora_and_base_stays_frozen() {
             let g = grads
                 .get(v.as_tensor())
                 .unwrap_or_else(|| panic!("no gradient for {name} lora_{which}"));
-            let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(norm.is_finite() && norm > 0.0, "{name} lora_{which}: gradient norm {norm}");
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                norm.is_finite() && norm > 0.0,
+                "{name} lora_{which}: gradient norm {norm}"
+            );
         }
     }
 
-    let vars: Vec<Var> = loras.iter().flat_map(|(_, a, b)| [a.clone(), b.clone()]).collect();
+    let vars: Vec<Var> = loras
+        .iter()
+        .flat_map(|(_, a, b)| [a.clone(), b.clone()])
+        .collect();
     let a_before = loras[0].1.as_tensor().to_vec2::<f32>().unwrap();
     let mut opt = AdamW::new(
         vars,
@@ -80,7 +104,11 @@ fn gradients_reach_every_lora_and_base_stays_frozen() {
     )
     .unwrap();
     opt.step(&grads).unwrap();
-    assert_ne!(a_before, loras[0].1.as_tensor().to_vec2::<f32>().unwrap(), "LoRA A moved");
+    assert_ne!(
+        a_before,
+        loras[0].1.as_tensor().to_vec2::<f32>().unwrap(),
+        "LoRA A moved"
+    );
     for _ in 0..30 {
         opt.backward_step(&loss(&model, &ids)).unwrap();
     }

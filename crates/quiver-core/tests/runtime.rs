@@ -78,7 +78,12 @@ fn convert_round_trips() {
     let lm = load_source(ModelSource::Gguf(gguf), &Device::Cpu, DType::F32).unwrap();
     let out = tmp.path().join("converted");
     write_hf_dir(&lm.model, &lm.tokenizer, &out).unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         assert!(out.join(f).is_file(), "{f} written");
     }
     let back = load_source(ModelSource::HfDir(out.clone()), &Device::Cpu, DType::F32).unwrap();
@@ -91,7 +96,11 @@ fn convert_round_trips() {
 #[test]
 fn batched_scoring_equals_one_at_a_time() {
     let lm = load_dir("tiny_llama");
-    let pairs = [("hello", " world"), ("the cat", " sat on the mat"), ("a", " b c d e f g")];
+    let pairs = [
+        ("hello", " world"),
+        ("the cat", " sat on the mat"),
+        ("a", " b c d e f g"),
+    ];
     let items: Vec<_> = pairs
         .iter()
         .map(|(c, x)| encode_pair(&lm.tokenizer, c, x).unwrap())
@@ -110,16 +119,34 @@ fn kv_cache_equals_full_forward() {
     let ids: Vec<u32> = (3..20).collect();
     let full = lm
         .model
-        .forward(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None)
+        .forward(
+            &Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            None,
+        )
         .unwrap();
     let mut cache = lm.model.new_cache();
     let a = lm
         .model
-        .forward(&Tensor::new(&ids[..10], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), Some(&mut cache))
+        .forward(
+            &Tensor::new(&ids[..10], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            Some(&mut cache),
+        )
         .unwrap();
     let b = lm
         .model
-        .forward(&Tensor::new(&ids[10..], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), Some(&mut cache))
+        .forward(
+            &Tensor::new(&ids[10..], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            Some(&mut cache),
+        )
         .unwrap();
     let stitched = Tensor::cat(&[a, b], 1).unwrap();
     assert!(max_abs_diff(&full, &stitched) < 1e-4);
@@ -133,7 +160,10 @@ fn chat_template_renders() {
         content: "hi".into(),
     }];
     let text = lm.tokenizer.apply_chat_template(&msgs, true).unwrap();
-    assert_eq!(text, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    assert_eq!(
+        text,
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
     let ids = lm.tokenizer.encode(&text).unwrap();
     assert_eq!(ids[0], 1, "<|im_start|> is matched as one special token");
 }

