@@ -44,6 +44,25 @@ pub enum Command {
     Score(ScoreArgs),
     /// Write a model as a Hugging Face directory that transformers loads.
     Convert(ConvertArgs),
+    /// Train LoRA experts: one per task (private), or one on the union of tasks (--shared).
+    Train(TrainArgs),
+    /// List and export multi-task data (BIG-bench, olmo tasks, your own JSONL).
+    Data(crate::commands::data::DataArgs),
+}
+
+/// Which adapters to apply on top of the base model.
+#[derive(Debug, Args, Clone)]
+pub struct RouteArgs {
+    /// Expert library directory (default: $QUIVER_LIBRARY).
+    #[arg(long, env = "QUIVER_LIBRARY")]
+    pub library: Option<PathBuf>,
+    /// Routing: `base` (no adapter) or `expert:NAME` (one expert of --library).
+    #[arg(long, default_value = "base")]
+    pub route: String,
+    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors),
+    /// e.g. one saved by Python PEFT, applied instead of --route.
+    #[arg(long, conflicts_with = "route")]
+    pub adapter: Option<PathBuf>,
 }
 
 /// Where a model runs.
@@ -77,6 +96,8 @@ pub struct FetchArgs {
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub route: RouteArgs,
     /// The prompt text.
     #[arg(long, short)]
     pub prompt: String,
@@ -104,6 +125,8 @@ pub struct GenerateArgs {
 pub struct ScoreArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub route: RouteArgs,
     /// The context the continuation follows (no BOS is added).
     #[arg(long)]
     pub context: String,
@@ -122,4 +145,81 @@ pub struct ConvertArgs {
     /// Output directory (must not exist, or be empty).
     #[arg(long)]
     pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Library directory the experts are written to (default: $QUIVER_LIBRARY).
+    #[arg(long, env = "QUIVER_LIBRARY")]
+    pub library: PathBuf,
+    /// Data: `bigbench`, `olmo` (after `quiver fetch`) or a JSONL file
+    /// ({"task", "source", "target"} per line; see `quiver data --help`).
+    #[arg(long, default_value = "bigbench")]
+    pub source: String,
+    /// A JSONL data file (same as --source FILE).
+    #[arg(long, conflicts_with = "source")]
+    pub data: Option<PathBuf>,
+    /// Comma-separated task names (see `quiver data tasks`).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub tasks: Vec<String>,
+    /// Train one expert called NAME on the union of --tasks instead of one per task.
+    #[arg(long)]
+    pub shared: Option<String>,
+    /// Optimiser steps per expert.
+    #[arg(long, default_value_t = 100)]
+    pub steps: usize,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// Fraction of steps spent warming the learning rate up linearly.
+    #[arg(long, default_value_t = 0.06)]
+    pub warmup_ratio: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// LoRA rank r.
+    #[arg(long, default_value_t = 4)]
+    pub rank: usize,
+    /// LoRA alpha (the update is scaled by alpha / r).
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f64,
+    /// Dropout on the LoRA input during training.
+    #[arg(long, default_value_t = 0.05)]
+    pub dropout: f64,
+    /// Modules to adapt: comma-separated names (suffix match, as PEFT), or
+    /// `all-linear`, or `re:REGEX` matched against full module names.
+    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj")]
+    pub target_modules: String,
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step (effective batch = batch-size x grad-accum).
+    #[arg(long, default_value_t = 4)]
+    pub grad_accum: usize,
+    /// Inputs longer than this are truncated on the left.
+    #[arg(long, default_value_t = 512)]
+    pub max_input_len: usize,
+    /// Targets longer than this are truncated on the right.
+    #[arg(long, default_value_t = 64)]
+    pub max_target_len: usize,
+    /// Seed of initialisation, data order and dropout.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Seed of the 80/10/10 train/validation/test split of each task.
+    #[arg(long, default_value_t = 0)]
+    pub split_seed: u64,
+    /// At most this many examples per task (before the split).
+    #[arg(long, default_value_t = 10_000)]
+    pub cap: usize,
+    /// Validation loss every N steps (0: only before and after training).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: usize,
+    /// At most this many validation examples are scored.
+    #[arg(long, default_value_t = 200)]
+    pub max_eval_examples: usize,
+    /// Resumable checkpoint every N steps (0: never).
+    #[arg(long, default_value_t = 25)]
+    pub checkpoint_every: usize,
 }

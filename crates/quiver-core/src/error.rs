@@ -47,6 +47,20 @@ pub enum Error {
         got: Vec<usize>,
     },
 
+    /// A bad record in a data file, located by line (1-based).
+    #[error("{path}:{line}: {msg}")]
+    DataLine {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
+
+    #[error("unknown task `{name}`{hint}")]
+    UnknownTask { name: String, hint: String },
+
+    #[error("interrupted after step {step}; run the same command again to resume")]
+    Interrupted { step: usize },
+
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 

@@ -4,7 +4,9 @@
 //! and Reusing a Library of LoRAs" (Ostapenko et al., ICML 2024).
 
 pub mod assets;
+pub mod data;
 pub mod error;
+pub mod expert;
 pub mod generate;
 pub mod lora;
 pub mod model;
@@ -12,6 +14,7 @@ pub mod models;
 pub mod ops;
 pub mod score;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use model::{load, LoadedModel, ModelSource};

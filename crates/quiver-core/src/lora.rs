@@ -162,3 +162,202 @@ mod tests {
         Ok(())
     }
 }
+
+/// Which modules a LoRA wraps: a list of module-name suffixes, or a regex
+/// matched against the full module name (PEFT's `target_modules`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    Names(Vec<String>),
+    Regex(String),
+}
+
+impl TargetModules {
+    /// Whether the module called `name` (e.g. `model.layers.0.self_attn.q_proj`) is targeted.
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            // PEFT: exact name, or the name ends with `.{target}`.
+            TargetModules::Names(list) => list
+                .iter()
+                .any(|t| name == t || name.ends_with(&format!(".{t}"))),
+            // PEFT's shorthand for every linear layer but the output head.
+            TargetModules::Regex(re) if re == "all-linear" => name != "lm_head",
+            TargetModules::Regex(re) => regex_full_match(re, name),
+        }
+    }
+}
+
+fn regex_full_match(re: &str, name: &str) -> bool {
+    // PEFT uses `re.fullmatch`.
+    match regex::Regex::new(&format!("^(?:{re})$")) {
+        Ok(r) => r.is_match(name),
+        Err(_) => false,
+    }
+}
+
+/// A LoRA configuration, read from and written to PEFT's
+/// `adapter_config.json` with PEFT's field names.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraConfig {
+    #[serde(default = "default_peft_type")]
+    pub peft_type: String,
+    #[serde(rename = "r")]
+    pub rank: usize,
+    #[serde(rename = "lora_alpha")]
+    pub alpha: f64,
+    #[serde(rename = "lora_dropout", default)]
+    pub dropout: f64,
+    pub target_modules: TargetModules,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    #[serde(default = "default_bias")]
+    pub bias: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model_name_or_path: Option<String>,
+    #[serde(default = "default_task_type", skip_serializing_if = "Option::is_none")]
+    pub task_type: Option<String>,
+    #[serde(default = "default_true")]
+    pub inference_mode: bool,
+    /// Fields written by other tools that we keep but do not interpret.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn default_peft_type() -> String {
+    "LORA".into()
+}
+fn default_bias() -> String {
+    "none".into()
+}
+fn default_task_type() -> Option<String> {
+    Some("CAUSAL_LM".into())
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Default for LoraConfig {
+    /// The paper's settings: rank 4, alpha 16, dropout 0.05, attention q/k/v/o.
+    fn default() -> Self {
+        Self {
+            peft_type: default_peft_type(),
+            rank: 4,
+            alpha: 16.0,
+            dropout: 0.05,
+            target_modules: TargetModules::Names(
+                ["q_proj", "k_proj", "v_proj", "o_proj"]
+                    .map(String::from)
+                    .to_vec(),
+            ),
+            use_rslora: false,
+            fan_in_fan_out: false,
+            bias: default_bias(),
+            base_model_name_or_path: None,
+            task_type: default_task_type(),
+            inference_mode: true,
+            extra: serde_json::Map::new(),
+        }
+    }
+}
+
+impl LoraConfig {
+    /// `alpha / r` (or `alpha / sqrt(r)` with rsLoRA).
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
+    }
+
+    /// Checks that Quiver can apply this config; the message names the field.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.peft_type != "LORA" {
+            return Err(format!(
+                "peft_type is \"{}\"; only LoRA adapters (\"LORA\") are supported",
+                self.peft_type
+            ));
+        }
+        if self.rank == 0 {
+            return Err("r (rank) must be positive".into());
+        }
+        if !self.alpha.is_finite() {
+            return Err("lora_alpha must be a finite number".into());
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!(
+                "lora_dropout must be in [0, 1), got {}",
+                self.dropout
+            ));
+        }
+        if self.fan_in_fan_out {
+            return Err("fan_in_fan_out adapters (GPT-2 Conv1D layout) are not supported".into());
+        }
+        if self.bias != "none" {
+            return Err(format!(
+                "bias \"{}\" is not supported (only \"none\")",
+                self.bias
+            ));
+        }
+        if let TargetModules::Regex(re) = &self.target_modules {
+            if re != "all-linear" {
+                regex::Regex::new(re)
+                    .map_err(|e| format!("target_modules regex is invalid: {e}"))?;
+            }
+        }
+        for key in ["use_dora", "use_qalora"] {
+            if self.extra.get(key).and_then(|v| v.as_bool()) == Some(true) {
+                return Err(format!("{key} adapters are not supported"));
+            }
+        }
+        for key in ["rank_pattern", "alpha_pattern"] {
+            if let Some(obj) = self.extra.get(key).and_then(|v| v.as_object()) {
+                if !obj.is_empty() {
+                    return Err(format!(
+                        "{key} (per-module ranks or alphas) is not supported"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+
+    #[test]
+    fn reads_peft_adapter_config() {
+        let json = r#"{"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
+            "target_modules": ["q_proj", "v_proj"], "bias": "none", "task_type": "CAUSAL_LM",
+            "use_dora": false, "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": "m"}"#;
+        let c: LoraConfig = serde_json::from_str(json).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.rank, 8);
+        assert_eq!(c.scale(), 2.0);
+        assert!(c.target_modules.matches("model.layers.3.self_attn.q_proj"));
+        assert!(!c.target_modules.matches("model.layers.3.self_attn.k_proj"));
+        // Unknown fields survive a round trip.
+        let back = serde_json::to_value(&c).unwrap();
+        assert_eq!(back["use_dora"], serde_json::json!(false));
+    }
+
+    #[test]
+    fn regex_targets_fullmatch() {
+        let t = TargetModules::Regex(r".*\.(q|v)_proj".into());
+        assert!(t.matches("model.layers.0.self_attn.q_proj"));
+        assert!(!t.matches("model.layers.0.self_attn.o_proj"));
+    }
+
+    #[test]
+    fn rejects_non_lora() {
+        let c: LoraConfig = serde_json::from_str(
+            r#"{"peft_type": "IA3", "r": 8, "lora_alpha": 8, "target_modules": ["q_proj"]}"#,
+        )
+        .unwrap();
+        assert!(c.validate().unwrap_err().contains("IA3"));
+    }
+}

@@ -18,7 +18,8 @@ pub fn run(g: &GlobalArgs, a: GenerateArgs) -> Result<ExitCode> {
         max_tokens: a.max_tokens,
     };
     params.validate()?;
-    let lm = super::load_model(g, &a.model)?;
+    let mut lm = super::load_model(g, &a.model)?;
+    super::apply_route(&mut lm, &a.route)?;
     let tok = &lm.tokenizer;
     let prompt = if a.chat {
         let msgs = [ChatMessage {

@@ -1,0 +1,196 @@
+//! `quiver train`: private experts (one per task) or a shared expert (one
+//! on the union of tasks), written to the library in PEFT's layout.
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use quiver_core::data::{is_held_out, split_examples, DataSource, Example, Split};
+use quiver_core::expert::{expert_name_for_task, model_fingerprint, validate_name, BaseModelId};
+use quiver_core::lora::{LoraConfig, TargetModules};
+use quiver_core::train::{make_expert, train_lora, StepStats, TrainConfig, TrainObserver};
+
+use crate::args::{GlobalArgs, TrainArgs};
+
+struct Bar {
+    pb: ProgressBar,
+}
+
+impl TrainObserver for Bar {
+    fn on_step(&mut self, s: &StepStats) {
+        self.pb.set_length(s.steps as u64);
+        self.pb.set_position(s.step as u64);
+        let val = s
+            .val_loss
+            .map(|v| format!(" val {v:.3}"))
+            .unwrap_or_default();
+        self.pb.set_message(format!(
+            "loss {:.3}{val} {:.0} tok/s",
+            s.loss, s.tokens_per_second
+        ));
+        if let Some(v) = s.val_loss {
+            tracing::info!("step {}: val loss {v:.4}", s.step);
+        }
+    }
+    fn on_message(&mut self, msg: &str) {
+        self.pb.println(msg);
+    }
+}
+
+fn target_modules(spec: &str) -> TargetModules {
+    if spec == "all-linear" {
+        TargetModules::Regex(spec.into())
+    } else if let Some(re) = spec.strip_prefix("re:") {
+        TargetModules::Regex(re.into())
+    } else {
+        TargetModules::Names(
+            spec.split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        )
+    }
+}
+
+pub fn run(g: &GlobalArgs, a: TrainArgs) -> Result<ExitCode> {
+    let cfg = TrainConfig {
+        steps: a.steps,
+        lr: a.lr,
+        warmup_ratio: a.warmup_ratio,
+        weight_decay: a.weight_decay,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        max_input_len: a.max_input_len,
+        max_target_len: a.max_target_len,
+        seed: a.seed,
+        eval_every: a.eval_every,
+        max_eval_examples: a.max_eval_examples,
+        checkpoint_every: a.checkpoint_every,
+        lora: LoraConfig {
+            rank: a.rank,
+            alpha: a.alpha,
+            dropout: a.dropout,
+            target_modules: target_modules(&a.target_modules),
+            ..LoraConfig::default()
+        },
+    };
+    cfg.validate()?;
+    for t in &a.tasks {
+        if is_held_out(t) {
+            bail!(
+                "task `{t}` is one of the held-out evaluation tasks and is never used for training"
+            );
+        }
+    }
+    let home = quiver_core::assets::quiver_home();
+    let spec = match &a.data {
+        Some(p) => p.to_string_lossy().into_owned(),
+        None => a.source.clone(),
+    };
+    let source = DataSource::from_spec(&spec, &home)?;
+    // Load every task first: a typo fails before hours of training.
+    let mut tasks: Vec<(String, Vec<Example>, Vec<Example>)> = Vec::new();
+    for t in &a.tasks {
+        let all = source.load_task(t)?;
+        let train = split_examples(&all, t, a.split_seed, a.cap, Split::Train);
+        let val = split_examples(&all, t, a.split_seed, a.cap, Split::Validation);
+        if train.is_empty() {
+            bail!(
+                "task `{t}` has no training examples after the split ({} examples in all)",
+                all.len()
+            );
+        }
+        tasks.push((t.clone(), train, val));
+    }
+    let jobs: Vec<(String, Vec<String>, Vec<Example>, Vec<Example>)> = match &a.shared {
+        Some(name) => {
+            validate_name(name)?;
+            let mut train = Vec::new();
+            let mut val = Vec::new();
+            for (_, tr, va) in &tasks {
+                train.extend(tr.iter().cloned());
+                val.extend(va.iter().cloned());
+            }
+            vec![(name.clone(), a.tasks.clone(), train, val)]
+        }
+        None => tasks
+            .into_iter()
+            .map(|(t, tr, va)| (expert_name_for_task(&t), vec![t], tr, va))
+            .collect(),
+    };
+    for (name, ..) in &jobs {
+        validate_name(name)?;
+    }
+    std::fs::create_dir_all(&a.library)
+        .with_context(|| format!("cannot create library {}", a.library.display()))?;
+
+    let mut lm = super::load_model(g, &a.model)?;
+    let base = BaseModelId {
+        id: a.model.model.clone(),
+        fingerprint: model_fingerprint(&lm.model)?,
+    };
+    let total = jobs.len();
+    for (i, (name, task_names, train, val)) in jobs.into_iter().enumerate() {
+        let dest = a.library.join(&name);
+        if dest.exists() {
+            if !g.quiet {
+                eprintln!(
+                    "[{}/{total}] {name}: already in the library, skipping",
+                    i + 1
+                );
+            }
+            continue;
+        }
+        let staging = a.library.join(".staging").join(&name);
+        let pb = if crate::progress::enabled(g) {
+            let pb = ProgressBar::new(cfg.steps as u64);
+            pb.set_style(
+                ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            pb.set_prefix(format!("[{}/{total}] {name}", i + 1));
+            pb
+        } else {
+            ProgressBar::hidden()
+        };
+        let mut bar = Bar { pb };
+        let (weights, report) = train_lora(
+            &mut lm.model,
+            &lm.tokenizer,
+            &train,
+            &val,
+            &cfg,
+            Some(&staging),
+            &mut bar,
+        )?;
+        bar.pb.finish_and_clear();
+        let expert = make_expert(&name, task_names, weights, &cfg, &report, base.clone());
+        expert.save(&dest)?;
+        let _ = std::fs::remove_dir_all(&staging);
+        if !g.quiet {
+            let fmt = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+            eprintln!(
+                "[{}/{total}] {name}: {} train examples, val loss {} -> {} ({} steps, {:.0}s{})",
+                i + 1,
+                train.len(),
+                fmt(report.base_val_loss),
+                fmt(report.val_loss),
+                report.steps,
+                report.wall_time_s,
+                if report.resumed_from_step > 0 {
+                    format!(", resumed at step {}", report.resumed_from_step)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        println!(
+            "{}",
+            serde_json::json!({"expert": name, "path": dest, "report": report})
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,671 @@
+//! Training LoRA experts on task data (METHOD.md section 1): frozen base,
+//! only LoRA parameters trained, AdamW with warmup and linear decay,
+//! gradient accumulation, loss on target tokens only, seeded, and
+//! checkpoints so an interrupted run resumes where it stopped.
+//!
+//! Determinism: the examples of every micro-batch and every dropout mask
+//! are functions of (seed, step), so a resumed run replays exactly what an
+//! uninterrupted one would have done.
+
+pub mod optim;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::data::Example;
+use crate::error::{candle_msg, Error, Result};
+use crate::expert::Expert;
+use crate::lora::{matmul_t, LinearAdapter, LoraConfig};
+use crate::models::weights::load_safetensors;
+use crate::models::Llama;
+use crate::ops;
+use crate::score::encode_pair;
+use crate::tokenizer::Tokenizer;
+
+use optim::{linear_schedule, AdamW};
+
+/// Everything that decides what a training run computes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub steps: usize,
+    pub lr: f64,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step (effective batch = batch_size x grad_accum).
+    pub grad_accum: usize,
+    /// Inputs are truncated on the left to this many tokens.
+    pub max_input_len: usize,
+    /// Targets are truncated on the right to this many tokens.
+    pub max_target_len: usize,
+    pub seed: u64,
+    /// Validation loss every N steps (0: only before and after training).
+    pub eval_every: usize,
+    /// At most this many validation examples are scored.
+    pub max_eval_examples: usize,
+    /// Write a resumable checkpoint every N steps (0: never).
+    pub checkpoint_every: usize,
+    pub lora: LoraConfig,
+}
+
+impl Default for TrainConfig {
+    /// The paper's settings (lr 1e-4, 6% warmup, no weight decay, effective
+    /// batch 16, targets 64 tokens) with a CPU-sized input length.
+    fn default() -> Self {
+        Self {
+            steps: 100,
+            lr: 1e-4,
+            warmup_ratio: 0.06,
+            weight_decay: 0.0,
+            batch_size: 4,
+            grad_accum: 4,
+            max_input_len: 512,
+            max_target_len: 64,
+            seed: 42,
+            eval_every: 0,
+            max_eval_examples: 200,
+            checkpoint_every: 25,
+            lora: LoraConfig::default(),
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::invalid(m));
+        if self.steps == 0 {
+            return bad("--steps must be at least 1".into());
+        }
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            return bad("--batch-size and --grad-accum must be at least 1".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!("--lr must be a positive number, got {}", self.lr));
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            return bad(format!(
+                "--warmup-ratio must be in [0, 1], got {}",
+                self.warmup_ratio
+            ));
+        }
+        if self.max_input_len == 0 || self.max_target_len == 0 {
+            return bad("--max-input-len and --max-target-len must be at least 1".into());
+        }
+        self.lora.validate().map_err(Error::invalid)
+    }
+
+    fn warmup_steps(&self) -> usize {
+        (self.warmup_ratio * self.steps as f64).ceil() as usize
+    }
+}
+
+/// Dropout masks drawn from a generator re-seeded at every micro-batch.
+#[derive(Debug)]
+struct DropoutState {
+    training: bool,
+    rng: rand::rngs::SmallRng,
+}
+
+/// The LoRA adapter used while training: trainable `A`, `B` and dropout on
+/// the layer input (PEFT: `B(A(dropout(x))) * scale`).
+#[derive(Debug)]
+struct TrainableLora {
+    a: Var,
+    b: Var,
+    scale: f64,
+    dropout: f32,
+    state: Arc<Mutex<DropoutState>>,
+}
+
+impl LinearAdapter for TrainableLora {
+    fn delta(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let xs = if self.dropout > 0.0 {
+            let mut st = self.state.lock().expect("dropout state");
+            if st.training {
+                let keep = 1.0 - self.dropout;
+                let threshold = (self.dropout as f64 * u32::MAX as f64) as u32;
+                let n = xs.elem_count();
+                let mask: Vec<f32> = (0..n)
+                    .map(|_| {
+                        if st.rng.random::<u32>() >= threshold {
+                            1.0 / keep
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                drop(st);
+                let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+                (xs * mask)?
+            } else {
+                xs.clone()
+            }
+        } else {
+            xs.clone()
+        };
+        let ax = matmul_t(&xs, self.a.as_tensor())?;
+        matmul_t(&ax, self.b.as_tensor())? * self.scale
+    }
+}
+
+/// One tokenised example: input ids then target ids.
+#[derive(Debug, Clone)]
+pub struct Tokenized {
+    pub input: Vec<u32>,
+    pub target: Vec<u32>,
+}
+
+/// Tokenises (source, target) as the scorer does (so training and
+/// evaluation agree on token boundaries), appends end-of-sequence to the
+/// target, truncates the input on the left and the target on the right.
+pub fn tokenize_example(
+    tok: &Tokenizer,
+    ex: &Example,
+    max_input_len: usize,
+    max_target_len: usize,
+) -> Result<Tokenized> {
+    let sep = if ex.source.is_empty()
+        || ex.source.ends_with(char::is_whitespace)
+        || ex.target.starts_with(char::is_whitespace)
+    {
+        ""
+    } else {
+        " "
+    };
+    let (mut input, mut target) = encode_pair(tok, &ex.source, &format!("{sep}{}", ex.target))?;
+    if let Some(&eos) = tok.eos_ids().first() {
+        target.push(eos);
+    }
+    if input.len() > max_input_len {
+        input.drain(..input.len() - max_input_len);
+    }
+    target.truncate(max_target_len);
+    Ok(Tokenized { input, target })
+}
+
+/// A right-padded batch and where its target tokens are.
+struct Batch {
+    /// `(b_sz, seq_len)`
+    ids: Tensor,
+    /// Flat positions (`row * seq_len + pos`) whose output predicts a target token.
+    positions: Tensor,
+    /// The target token at each position.
+    targets: Tensor,
+    n_targets: usize,
+    n_tokens: usize,
+}
+
+fn make_batch(items: &[&Tokenized], device: &Device) -> Result<Batch> {
+    let seq_len = items
+        .iter()
+        .map(|t| t.input.len() + t.target.len() - 1)
+        .max()
+        .unwrap_or(1);
+    let mut ids = Vec::with_capacity(items.len() * seq_len);
+    let mut positions = Vec::new();
+    let mut targets = Vec::new();
+    let mut n_tokens = 0;
+    for (row, t) in items.iter().enumerate() {
+        let mut seq: Vec<u32> = t.input.iter().chain(t.target.iter()).copied().collect();
+        seq.pop(); // the last target token is never an input
+        n_tokens += seq.len();
+        for (i, &tgt) in t.target.iter().enumerate() {
+            positions.push((row * seq_len + t.input.len() - 1 + i) as u32);
+            targets.push(tgt);
+        }
+        seq.resize(seq_len, 0);
+        ids.extend(seq);
+    }
+    let n_targets = targets.len();
+    Ok(Batch {
+        ids: Tensor::from_vec(ids, (items.len(), seq_len), device)?,
+        positions: Tensor::from_vec(positions, n_targets, device)?,
+        targets: Tensor::from_vec(targets, n_targets, device)?,
+        n_targets,
+        n_tokens,
+    })
+}
+
+/// Sum of target-token negative log-likelihoods of a batch (a scalar).
+fn batch_nll_sum(model: &Llama, batch: &Batch) -> Result<Tensor> {
+    let hidden = model.forward_hidden(&batch.ids, None)?;
+    let (b, s, h) = hidden.dims3()?;
+    let picked = hidden
+        .reshape((b * s, h))?
+        .index_select(&batch.positions, 0)?;
+    let logits = model.logits(&picked)?.to_dtype(DType::F32)?;
+    let logp = ops::log_softmax_last_dim(&logits)?;
+    let nll = logp
+        .gather(&batch.targets.unsqueeze(1)?, 1)?
+        .sum_all()?
+        .neg()?;
+    Ok(nll)
+}
+
+/// Mean target-token loss over `data` (no dropout, no gradient).
+pub fn mean_loss(model: &Llama, data: &[Tokenized], batch_size: usize) -> Result<f64> {
+    if data.is_empty() {
+        return Err(Error::invalid("no examples to compute a loss on"));
+    }
+    let (mut total, mut count) = (0.0f64, 0usize);
+    let refs: Vec<&Tokenized> = data.iter().collect();
+    for chunk in refs.chunks(batch_size.max(1)) {
+        let batch = make_batch(chunk, model.device())?;
+        total += batch_nll_sum(model, &batch)?.detach().to_scalar::<f32>()? as f64;
+        count += batch.n_targets;
+    }
+    Ok(total / count.max(1) as f64)
+}
+
+/// What a step reports to the caller (for progress bars and logs).
+#[derive(Debug, Clone, Serialize)]
+pub struct StepStats {
+    pub step: usize,
+    pub steps: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub tokens_per_second: f64,
+    pub val_loss: Option<f64>,
+}
+
+pub trait TrainObserver {
+    fn on_step(&mut self, stats: &StepStats);
+    fn on_message(&mut self, _msg: &str) {}
+    /// Checked after every step; `true` stops the run with
+    /// [`Error::Interrupted`] (the last checkpoint stays for resuming).
+    fn interrupted(&self) -> bool {
+        false
+    }
+}
+
+pub struct NoObserver;
+impl TrainObserver for NoObserver {
+    fn on_step(&mut self, _: &StepStats) {}
+}
+
+/// What a finished run produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainReport {
+    pub steps: usize,
+    pub base_val_loss: Option<f64>,
+    pub val_loss: Option<f64>,
+    pub final_train_loss: f64,
+    pub tokens_seen: u64,
+    pub wall_time_s: f64,
+    pub resumed_from_step: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CheckpointMeta {
+    step: usize,
+    config: TrainConfig,
+    modules: Vec<String>,
+    tokens_seen: u64,
+    wall_time_s: f64,
+    base_val_loss: Option<f64>,
+    last_loss: f64,
+}
+
+const CKPT_META: &str = "checkpoint.json";
+const CKPT_TENSORS: &str = "checkpoint.safetensors";
+
+/// Trains one LoRA on `train` and returns its weights.
+///
+/// The model's adapters are replaced during training and removed at the
+/// end. With `checkpoint_dir`, a checkpoint is written there every
+/// `checkpoint_every` steps and picked up by the next call with the same
+/// configuration and data.
+pub fn train_lora(
+    model: &mut Llama,
+    tok: &Tokenizer,
+    train: &[Example],
+    val: &[Example],
+    cfg: &TrainConfig,
+    checkpoint_dir: Option<&Path>,
+    observer: &mut dyn TrainObserver,
+) -> Result<(BTreeMap<String, (Tensor, Tensor)>, TrainReport)> {
+    cfg.validate()?;
+    if train.is_empty() {
+        return Err(Error::invalid("no training examples"));
+    }
+    let device = model.device().clone();
+    let dtype = model.dtype();
+    let tok_all = |exs: &[Example]| -> Result<Vec<Tokenized>> {
+        exs.iter()
+            .map(|e| tokenize_example(tok, e, cfg.max_input_len, cfg.max_target_len))
+            .collect()
+    };
+    let train_t = tok_all(train)?;
+    let val_t = tok_all(&val[..val.len().min(cfg.max_eval_examples)])?;
+    let max_pos = model.config().max_position_embeddings;
+    if let Some(t) = train_t
+        .iter()
+        .find(|t| t.input.len() + t.target.len() > max_pos)
+    {
+        return Err(Error::ContextTooLong {
+            tokens: t.input.len() + t.target.len(),
+            max: max_pos,
+        });
+    }
+
+    // PEFT's initialisation: A Kaiming-uniform (bound 1/sqrt(in)), B zero.
+    let mut init_rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    let state = Arc::new(Mutex::new(DropoutState {
+        training: false,
+        rng: rand::rngs::SmallRng::seed_from_u64(0),
+    }));
+    let mut modules = Vec::new();
+    let mut vars: Vec<Var> = Vec::new();
+    for lin in model.linears_mut() {
+        if !cfg.lora.target_modules.matches(lin.name()) {
+            continue;
+        }
+        let (out, inp) = (lin.out_features(), lin.in_features());
+        let bound = 1.0 / (inp as f32).sqrt();
+        let a: Vec<f32> = (0..cfg.lora.rank * inp)
+            .map(|_| init_rng.random_range(-bound..bound))
+            .collect();
+        let a = Var::from_tensor(
+            &Tensor::from_vec(a, (cfg.lora.rank, inp), &device)?.to_dtype(dtype)?,
+        )?;
+        let b = Var::from_tensor(&Tensor::zeros((out, cfg.lora.rank), dtype, &device)?)?;
+        lin.set_adapter(Some(Arc::new(TrainableLora {
+            a: a.clone(),
+            b: b.clone(),
+            scale: cfg.lora.scale(),
+            dropout: cfg.lora.dropout as f32,
+            state: state.clone(),
+        })));
+        modules.push(lin.name().to_string());
+        vars.push(a);
+        vars.push(b);
+    }
+    if modules.is_empty() {
+        return Err(Error::invalid(format!(
+            "target_modules {:?} matches no linear layer of this model",
+            cfg.lora.target_modules
+        )));
+    }
+    let mut opt = AdamW::new(vars.clone(), cfg.weight_decay)?;
+
+    let mut start_step = 0;
+    let mut tokens_seen = 0u64;
+    let mut prior_wall = 0.0;
+    let mut base_val_loss = None;
+    let mut last_loss = f64::NAN;
+    if let Some(dir) = checkpoint_dir {
+        if let Some(meta) = load_checkpoint(dir, cfg, &modules, &mut opt)? {
+            observer.on_message(&format!("resuming from step {}", meta.step));
+            start_step = meta.step;
+            tokens_seen = meta.tokens_seen;
+            prior_wall = meta.wall_time_s;
+            base_val_loss = meta.base_val_loss;
+            last_loss = meta.last_loss;
+        }
+    }
+    if start_step == 0 && !val_t.is_empty() {
+        base_val_loss = Some(mean_loss(model, &val_t, cfg.batch_size)?);
+    }
+
+    let started = Instant::now();
+    let warmup = cfg.warmup_steps();
+    let n = train_t.len();
+    let mut perm_cache: HashMap<u64, Vec<usize>> = HashMap::new();
+    for step in start_step..cfg.steps {
+        let t0 = Instant::now();
+        let lr = linear_schedule(cfg.lr, step, warmup, cfg.steps);
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut loss_sum = 0.0;
+        let mut target_count = 0usize;
+        let mut step_tokens = 0usize;
+        // Gradients are summed over micro-batches, then divided by the
+        // number of target tokens of the whole step.
+        let mut micro: Vec<(Batch, u64)> = Vec::with_capacity(cfg.grad_accum);
+        for k in 0..cfg.grad_accum {
+            let items: Vec<&Tokenized> = (0..cfg.batch_size)
+                .map(|j| {
+                    let c = ((step * cfg.grad_accum + k) * cfg.batch_size + j) as u64;
+                    let epoch = c / n as u64;
+                    let perm = perm_cache.entry(epoch).or_insert_with(|| {
+                        let mut p: Vec<usize> = (0..n).collect();
+                        p.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
+                            cfg.seed.wrapping_mul(0x9E37_79B9).wrapping_add(epoch),
+                        ));
+                        p
+                    });
+                    &train_t[perm[(c % n as u64) as usize]]
+                })
+                .collect();
+            let batch = make_batch(&items, &device)?;
+            target_count += batch.n_targets;
+            let mseed =
+                cfg.seed ^ ((step * cfg.grad_accum + k) as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
+            micro.push((batch, mseed));
+        }
+        perm_cache
+            .retain(|&e, _| e + 1 >= ((step + 1) * cfg.grad_accum * cfg.batch_size / n) as u64);
+        for (batch, mseed) in &micro {
+            {
+                let mut st = state.lock().expect("dropout state");
+                st.training = true;
+                st.rng = rand::rngs::SmallRng::seed_from_u64(*mseed);
+            }
+            let nll = batch_nll_sum(model, batch)?;
+            loss_sum += nll.to_scalar::<f32>()? as f64;
+            step_tokens += batch.n_tokens;
+            let g = (nll / target_count as f64)?.backward()?;
+            for (i, v) in vars.iter().enumerate() {
+                if let Some(gi) = g.get(v.as_tensor()) {
+                    grads[i] = Some(match grads[i].take() {
+                        Some(acc) => (acc + gi)?,
+                        None => gi.clone(),
+                    });
+                }
+            }
+        }
+        state.lock().expect("dropout state").training = false;
+        opt.step(&grads, lr)?;
+        last_loss = loss_sum / target_count.max(1) as f64;
+        if !last_loss.is_finite() {
+            detach_adapters(model);
+            return Err(Error::invalid(format!(
+                "the training loss became {last_loss} at step {}; lower --lr",
+                step + 1
+            )));
+        }
+        tokens_seen += step_tokens as u64;
+        let done = step + 1;
+        let val_loss = if cfg.eval_every > 0
+            && done % cfg.eval_every == 0
+            && done < cfg.steps
+            && !val_t.is_empty()
+        {
+            Some(mean_loss(model, &val_t, cfg.batch_size)?)
+        } else {
+            None
+        };
+        observer.on_step(&StepStats {
+            step: done,
+            steps: cfg.steps,
+            loss: last_loss,
+            lr,
+            tokens_per_second: step_tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+            val_loss,
+        });
+        if let Some(dir) = checkpoint_dir {
+            if cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0 && done < cfg.steps {
+                save_checkpoint(
+                    dir,
+                    &CheckpointMeta {
+                        step: done,
+                        config: cfg.clone(),
+                        modules: modules.clone(),
+                        tokens_seen,
+                        wall_time_s: prior_wall + started.elapsed().as_secs_f64(),
+                        base_val_loss,
+                        last_loss,
+                    },
+                    &opt,
+                )?;
+            }
+        }
+        if observer.interrupted() && done < cfg.steps {
+            detach_adapters(model);
+            return Err(Error::Interrupted { step: done });
+        }
+    }
+    let val_loss = if val_t.is_empty() {
+        None
+    } else {
+        Some(mean_loss(model, &val_t, cfg.batch_size)?)
+    };
+    let mut weights = BTreeMap::new();
+    for (i, m) in modules.iter().enumerate() {
+        weights.insert(
+            m.clone(),
+            (
+                vars[2 * i].as_tensor().detach(),
+                vars[2 * i + 1].as_tensor().detach(),
+            ),
+        );
+    }
+    detach_adapters(model);
+    let report = TrainReport {
+        steps: cfg.steps,
+        base_val_loss,
+        val_loss,
+        final_train_loss: last_loss,
+        tokens_seen,
+        wall_time_s: prior_wall + started.elapsed().as_secs_f64(),
+        resumed_from_step: start_step,
+    };
+    Ok((weights, report))
+}
+
+fn detach_adapters(model: &mut Llama) {
+    for lin in model.linears_mut() {
+        lin.set_adapter(None);
+    }
+}
+
+fn save_checkpoint(dir: &Path, meta: &CheckpointMeta, opt: &AdamW) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut tensors = HashMap::new();
+    for (i, v) in opt.vars.iter().enumerate() {
+        tensors.insert(format!("p.{i}"), v.as_tensor().to_device(&Device::Cpu)?);
+        tensors.insert(format!("m.{i}"), opt.m[i].to_device(&Device::Cpu)?);
+        tensors.insert(format!("v.{i}"), opt.v[i].to_device(&Device::Cpu)?);
+    }
+    // Tensors first, metadata last: a checkpoint is only trusted when its
+    // metadata names the step, and each file is replaced atomically.
+    let tmp = dir.join(format!("{CKPT_TENSORS}.tmp"));
+    candle_core::safetensors::save(&tensors, &tmp).map_err(|e| Error::Safetensors {
+        path: tmp.clone(),
+        msg: candle_msg(e),
+    })?;
+    std::fs::rename(&tmp, dir.join(CKPT_TENSORS)).map_err(|e| Error::io(dir, e))?;
+    let tmp = dir.join(format!("{CKPT_META}.tmp"));
+    let mut meta_json = serde_json::to_value(meta).expect("json");
+    meta_json["adam_t"] = serde_json::json!(opt.t);
+    std::fs::write(
+        &tmp,
+        serde_json::to_string_pretty(&meta_json).expect("json"),
+    )
+    .map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, dir.join(CKPT_META)).map_err(|e| Error::io(dir, e))?;
+    Ok(())
+}
+
+fn load_checkpoint(
+    dir: &Path,
+    cfg: &TrainConfig,
+    modules: &[String],
+    opt: &mut AdamW,
+) -> Result<Option<CheckpointMeta>> {
+    let meta_path = dir.join(CKPT_META);
+    if !meta_path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+        path: meta_path.clone(),
+        source: e,
+    })?;
+    let meta: CheckpointMeta = serde_json::from_value(value.clone()).map_err(|e| Error::Json {
+        path: meta_path.clone(),
+        source: e,
+    })?;
+    if meta.config != *cfg || meta.modules != modules {
+        tracing::warn!(
+            "{}: checkpoint was made with another configuration; starting over",
+            meta_path.display()
+        );
+        return Ok(None);
+    }
+    let tensors = load_safetensors(&dir.join(CKPT_TENSORS), &Device::Cpu)?;
+    let get = |k: String| -> Result<Tensor> {
+        tensors
+            .get(&k)
+            .cloned()
+            .ok_or_else(|| Error::MissingWeight {
+                path: dir.join(CKPT_TENSORS),
+                name: k,
+            })
+    };
+    for i in 0..opt.vars.len() {
+        let dev = opt.vars[i].device().clone();
+        let dt = opt.vars[i].dtype();
+        opt.vars[i].set(&get(format!("p.{i}"))?.to_device(&dev)?.to_dtype(dt)?)?;
+        opt.m[i] = get(format!("m.{i}"))?.to_device(&dev)?;
+        opt.v[i] = get(format!("v.{i}"))?.to_device(&dev)?;
+    }
+    opt.t = value["adam_t"].as_u64().unwrap_or(meta.step as u64) as usize;
+    Ok(Some(meta))
+}
+
+/// Builds an [`Expert`] from trained weights.
+pub fn make_expert(
+    name: &str,
+    tasks: Vec<String>,
+    weights: BTreeMap<String, (Tensor, Tensor)>,
+    cfg: &TrainConfig,
+    report: &TrainReport,
+    base: crate::expert::BaseModelId,
+) -> Expert {
+    let mut metrics = BTreeMap::new();
+    if let Some(v) = report.val_loss {
+        metrics.insert("val_loss".to_string(), v);
+    }
+    if let Some(v) = report.base_val_loss {
+        metrics.insert("base_val_loss".to_string(), v);
+    }
+    metrics.insert("final_train_loss".into(), report.final_train_loss);
+    metrics.insert("tokens_seen".into(), report.tokens_seen as f64);
+    metrics.insert("wall_time_s".into(), report.wall_time_s);
+    let mut config = cfg.lora.clone();
+    config.base_model_name_or_path = Some(base.id.clone());
+    Expert {
+        name: name.to_string(),
+        config,
+        weights,
+        info: Some(crate::expert::ExpertInfo {
+            name: name.to_string(),
+            tasks,
+            base_model: base,
+            training: serde_json::to_value(cfg).expect("json"),
+            metrics,
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        }),
+    }
+}
