@@ -73,4 +73,28 @@ json.dump({
 PY
 "$py" scripts/interop/check_convert.py "$work/smollm2" "$work/results.json"
 
+say "Python interop: PEFT loads Quiver's experts, Quiver loads PEFT's adapters"
+# score_json DIR_FLAGS... -> {"scores": [...]} for two fixed pairs, as quiver scores them.
+score_json() {
+  local out=$1; shift
+  local c1="Reverse the words: apple river stone"$'\n'"Answer:" x1=" stone river apple"
+  local c2="The capital of France is" x2=" Paris, a city on the Seine."
+  local a b
+  a=$("$quiver" score --quiet --model smollm2-135m "$@" --context "$c1" --continuation "$x1")
+  b=$("$quiver" score --quiet --model smollm2-135m "$@" --context "$c2" --continuation "$x2")
+  "$py" - "$out" "$c1" "$x1" "$a" "$c2" "$x2" "$b" <<'PY'
+import json, sys
+out, c1, x1, a, c2, x2, b = sys.argv[1:]
+json.dump({"scores": [dict(context=c1, continuation=x1, **json.loads(a)),
+                      dict(context=c2, continuation=x2, **json.loads(b))]}, open(out, "w"))
+PY
+}
+"$quiver" train --quiet --model smollm2-135m --library "$work/lib" --data scripts/interop/tiny_task.jsonl \
+  --tasks reverse_words --steps 4 --batch-size 2 --grad-accum 1 --lr 2e-3 --max-input-len 64 > /dev/null
+score_json "$work/quiver_expert.json" --library "$work/lib" --route expert:reverse_words
+"$py" scripts/interop/check_peft_expert.py "$work/smollm2" "$work/lib/reverse_words" "$work/quiver_expert.json"
+"$py" scripts/interop/train_peft_adapter.py "$work/smollm2" "$work/peft_adapter" --steps 5 --seed 0
+score_json "$work/peft_adapter.json" --adapter "$work/peft_adapter"
+"$py" scripts/interop/check_peft_expert.py "$work/smollm2" "$work/peft_adapter" "$work/peft_adapter.json"
+
 say "all tests passed"

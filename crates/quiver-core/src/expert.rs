@@ -48,13 +48,16 @@ pub struct ExpertInfo {
     pub created: u64,
 }
 
+/// LoRA factors by module name (`model.layers.0.self_attn.q_proj`):
+/// (`A`: `r x in`, `B`: `out x r`).
+pub type LoraWeights = BTreeMap<String, (Tensor, Tensor)>;
+
 /// A LoRA expert in memory.
 #[derive(Debug, Clone)]
 pub struct Expert {
     pub name: String,
     pub config: LoraConfig,
-    /// Module name (`model.layers.0.self_attn.q_proj`) -> (`A`: `r x in`, `B`: `out x r`).
-    pub weights: BTreeMap<String, (Tensor, Tensor)>,
+    pub weights: LoraWeights,
     pub info: Option<ExpertInfo>,
 }
 

@@ -66,6 +66,69 @@ pub fn matmul_t(xs: &Tensor, w: &Tensor) -> Result<Tensor> {
         .reshape(out_dims)
 }
 
+/// `y = x W^T` with `y` computed already: forward returns `y` (arg 2), and
+/// backward gives `x` the gradient `dL/dy W` and nothing to `W`.
+struct FrozenLinearGrad {
+    /// `(out, in)`
+    weight: Tensor,
+}
+
+fn clone_contiguous<S: candle_core::backend::BackendStorage>(
+    s: &S,
+    l: &candle_core::Layout,
+) -> Result<(S, candle_core::Shape)> {
+    if !l.is_contiguous() || l.start_offset() != 0 {
+        candle_core::bail!("frozen-linear: the product must be contiguous")
+    }
+    Ok((s.try_clone(l)?, l.shape().clone()))
+}
+
+impl candle_core::CustomOp2 for FrozenLinearGrad {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        ys: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        clone_contiguous(ys, l)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        ys: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        clone_contiguous(ys, l)
+    }
+
+    fn bwd(
+        &self,
+        _xs: &Tensor,
+        _ys: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dims = grad.dims();
+        let out = dims[dims.len() - 1];
+        let rows = grad.elem_count() / out.max(1);
+        let inp = self.weight.dims()[1];
+        let mut gdims = dims.to_vec();
+        *gdims.last_mut().expect("rank >= 1") = inp;
+        let gx = grad
+            .reshape((rows, out))?
+            .matmul(&self.weight)?
+            .reshape(gdims)?;
+        Ok((Some(gx), None))
+    }
+}
+
 /// A linear layer (`W`, optional bias) with an optional adapter.
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
@@ -117,7 +180,33 @@ impl LoraLinear {
     }
 
     /// The base layer alone, ignoring any adapter.
+    ///
+    /// When `xs` carries gradient, the frozen weight must not get one:
+    /// candle's matmul backward always computes both operands' gradients,
+    /// which for a frozen `W` is a wasted matmul and a `W`-sized buffer per
+    /// layer. The product is computed outside the graph and reattached with
+    /// [`FrozenLinearGrad`], whose backward returns only `dL/dx = dL/dy W`.
     pub fn forward_base(&self, xs: &Tensor) -> Result<Tensor> {
+        let ys = if xs.track_op() && !self.weight.track_op() {
+            let ys = matmul_t(&xs.detach(), &self.weight)?;
+            xs.apply_op2(
+                &ys,
+                FrozenLinearGrad {
+                    weight: self.weight.clone(),
+                },
+            )?
+        } else {
+            matmul_t(xs, &self.weight)?
+        };
+        match &self.bias {
+            Some(b) => ys.broadcast_add(b),
+            None => Ok(ys),
+        }
+    }
+
+    /// The plain differentiable base layer (the reference for
+    /// [`LoraLinear::forward_base`]'s gradient path).
+    pub fn forward_base_reference(&self, xs: &Tensor) -> Result<Tensor> {
         let ys = matmul_t(xs, &self.weight)?;
         match &self.bias {
             Some(b) => ys.broadcast_add(b),
@@ -140,6 +229,37 @@ impl Module for LoraLinear {
 mod tests {
     use super::*;
     use candle_core::{Device, D};
+
+    #[test]
+    fn frozen_linear_gradient_equals_plain_matmul() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (6, 5), &dev)?;
+        let bias = Tensor::randn(0f32, 1.0, 6, &dev)?;
+        let lin = LoraLinear::new("x", w, Some(bias));
+        let x = candle_core::Var::randn(0f32, 1.0, (2, 3, 5), &dev)?;
+        let probe = Tensor::randn(0f32, 1.0, (2, 3, 6), &dev)?;
+        let fast = lin.forward_base(x.as_tensor())?;
+        let slow = lin.forward_base_reference(x.as_tensor())?;
+        let d = (&fast - &slow)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(d < 1e-6);
+        let gf = (fast * &probe)?.sum_all()?.backward()?;
+        let gs = (slow * &probe)?.sum_all()?.backward()?;
+        let (gf, gs) = (
+            gf.get(x.as_tensor()).unwrap(),
+            gs.get(x.as_tensor()).unwrap(),
+        );
+        let d = (gf - gs)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(d < 1e-5, "gradient diff {d}");
+        Ok(())
+    }
 
     #[test]
     fn lora_adds_scaled_ba_x() -> Result<()> {

@@ -52,6 +52,14 @@ fn target_modules(spec: &str) -> TargetModules {
     }
 }
 
+/// One expert to train: its name, the tasks it covers, train and validation data.
+struct Job {
+    name: String,
+    tasks: Vec<String>,
+    train: Vec<Example>,
+    val: Vec<Example>,
+}
+
 pub fn run(g: &GlobalArgs, a: TrainArgs) -> Result<ExitCode> {
     let cfg = TrainConfig {
         steps: a.steps,
@@ -102,7 +110,7 @@ pub fn run(g: &GlobalArgs, a: TrainArgs) -> Result<ExitCode> {
         }
         tasks.push((t.clone(), train, val));
     }
-    let jobs: Vec<(String, Vec<String>, Vec<Example>, Vec<Example>)> = match &a.shared {
+    let jobs: Vec<Job> = match &a.shared {
         Some(name) => {
             validate_name(name)?;
             let mut train = Vec::new();
@@ -111,15 +119,25 @@ pub fn run(g: &GlobalArgs, a: TrainArgs) -> Result<ExitCode> {
                 train.extend(tr.iter().cloned());
                 val.extend(va.iter().cloned());
             }
-            vec![(name.clone(), a.tasks.clone(), train, val)]
+            vec![Job {
+                name: name.clone(),
+                tasks: a.tasks.clone(),
+                train,
+                val,
+            }]
         }
         None => tasks
             .into_iter()
-            .map(|(t, tr, va)| (expert_name_for_task(&t), vec![t], tr, va))
+            .map(|(t, train, val)| Job {
+                name: expert_name_for_task(&t),
+                tasks: vec![t],
+                train,
+                val,
+            })
             .collect(),
     };
-    for (name, ..) in &jobs {
-        validate_name(name)?;
+    for job in &jobs {
+        validate_name(&job.name)?;
     }
     std::fs::create_dir_all(&a.library)
         .with_context(|| format!("cannot create library {}", a.library.display()))?;
@@ -130,7 +148,13 @@ pub fn run(g: &GlobalArgs, a: TrainArgs) -> Result<ExitCode> {
         fingerprint: model_fingerprint(&lm.model)?,
     };
     let total = jobs.len();
-    for (i, (name, task_names, train, val)) in jobs.into_iter().enumerate() {
+    for (i, job) in jobs.into_iter().enumerate() {
+        let Job {
+            name,
+            tasks: task_names,
+            train,
+            val,
+        } = job;
         let dest = a.library.join(&name);
         if dest.exists() {
             if !g.quiet {

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::Example;
 use crate::error::{candle_msg, Error, Result};
-use crate::expert::Expert;
+use crate::expert::{Expert, LoraWeights};
 use crate::lora::{matmul_t, LinearAdapter, LoraConfig};
 use crate::models::weights::load_safetensors;
 use crate::models::Llama;
@@ -331,7 +331,7 @@ pub fn train_lora(
     cfg: &TrainConfig,
     checkpoint_dir: Option<&Path>,
     observer: &mut dyn TrainObserver,
-) -> Result<(BTreeMap<String, (Tensor, Tensor)>, TrainReport)> {
+) -> Result<(LoraWeights, TrainReport)> {
     cfg.validate()?;
     if train.is_empty() {
         return Err(Error::invalid("no training examples"));
@@ -635,7 +635,7 @@ fn load_checkpoint(
 pub fn make_expert(
     name: &str,
     tasks: Vec<String>,
-    weights: BTreeMap<String, (Tensor, Tensor)>,
+    weights: LoraWeights,
     cfg: &TrainConfig,
     report: &TrainReport,
     base: crate::expert::BaseModelId,
