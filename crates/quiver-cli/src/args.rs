@@ -50,21 +50,6 @@ pub enum Command {
     Data(crate::commands::data::DataArgs),
 }
 
-/// Which adapters to apply on top of the base model.
-#[derive(Debug, Args, Clone)]
-pub struct RouteArgs {
-    /// Expert library directory (default: $QUIVER_LIBRARY).
-    #[arg(long, env = "QUIVER_LIBRARY")]
-    pub library: Option<PathBuf>,
-    /// Routing: `base` (no adapter) or `expert:NAME` (one expert of --library).
-    #[arg(long, default_value = "base")]
-    pub route: String,
-    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors),
-    /// e.g. one saved by Python PEFT, applied instead of --route.
-    #[arg(long, conflicts_with = "route")]
-    pub adapter: Option<PathBuf>,
-}
-
 /// Where a model runs.
 #[derive(Debug, Args, Clone)]
 pub struct ModelArgs {
@@ -97,7 +82,7 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
-    pub route: RouteArgs,
+    pub route: crate::commands::route::RouteArgs,
     /// The prompt text.
     #[arg(long, short)]
     pub prompt: String,
@@ -126,7 +111,7 @@ pub struct ScoreArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
-    pub route: RouteArgs,
+    pub route: crate::commands::route::RouteArgs,
     /// The context the continuation follows (no BOS is added).
     #[arg(long)]
     pub context: String,

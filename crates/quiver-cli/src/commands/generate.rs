@@ -19,7 +19,7 @@ pub fn run(g: &GlobalArgs, a: GenerateArgs) -> Result<ExitCode> {
     };
     params.validate()?;
     let mut lm = super::load_model(g, &a.model)?;
-    super::apply_route(&mut lm, &a.route)?;
+    super::route::apply_route(&mut lm, &a.route)?;
     let tok = &lm.tokenizer;
     let prompt = if a.chat {
         let msgs = [ChatMessage {

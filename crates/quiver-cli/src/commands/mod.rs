@@ -4,6 +4,7 @@ mod convert;
 pub mod data;
 mod fetch;
 mod generate;
+pub mod route;
 mod score;
 mod train;
 
@@ -13,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use quiver_core::LoadedModel;
 
-use crate::args::{Cli, Command, GlobalArgs, ModelArgs, RouteArgs};
+use crate::args::{Cli, Command, GlobalArgs, ModelArgs};
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let g = &cli.global;
@@ -63,37 +64,4 @@ pub fn load_model(g: &GlobalArgs, m: &ModelArgs) -> Result<LoadedModel> {
     let loaded = quiver_core::load(&m.model, &device, dtype);
     sp.finish_and_clear();
     Ok(loaded?)
-}
-
-/// Applies `--route` / `--adapter` to a loaded model.
-pub fn apply_route(lm: &mut LoadedModel, r: &RouteArgs) -> Result<()> {
-    use quiver_core::expert::{model_fingerprint, Expert};
-    let device = lm.model.device().clone();
-    let dtype = lm.model.dtype();
-    if let Some(dir) = &r.adapter {
-        let expert = Expert::load(dir, &device, dtype)?;
-        expert.attach(&mut lm.model, None)?;
-        return Ok(());
-    }
-    match r.route.as_str() {
-        "base" => Ok(()),
-        route => {
-            let Some(name) = route.strip_prefix("expert:") else {
-                bail!("--route `{route}`: expected `base` or `expert:NAME`");
-            };
-            let lib = r
-                .library
-                .as_ref()
-                .context("--route expert:NAME needs --library (or $QUIVER_LIBRARY)")?;
-            quiver_core::expert::validate_name(name)?;
-            let dir = lib.join(name);
-            if !dir.is_dir() {
-                bail!("library {} has no expert `{name}`", lib.display());
-            }
-            let expert = Expert::load(&dir, &device, dtype)?;
-            let fp = model_fingerprint(&lm.model)?;
-            expert.attach(&mut lm.model, Some(&fp))?;
-            Ok(())
-        }
-    }
 }

@@ -9,7 +9,7 @@ use crate::args::{GlobalArgs, ScoreArgs};
 
 pub fn run(g: &GlobalArgs, a: ScoreArgs) -> Result<ExitCode> {
     let mut lm = super::load_model(g, &a.model)?;
-    super::apply_route(&mut lm, &a.route)?;
+    super::route::apply_route(&mut lm, &a.route)?;
     let pair = encode_pair(&lm.tokenizer, &a.context, &a.continuation)?;
     let s = score_batch(&lm.model, std::slice::from_ref(&pair), 1)?
         .pop()
