@@ -192,15 +192,22 @@ pub fn tokenize_example(
 }
 
 /// A right-padded batch and where its target tokens are.
-struct Batch {
+pub struct Batch {
     /// `(b_sz, seq_len)`
     ids: Tensor,
     /// Flat positions (`row * seq_len + pos`) whose output predicts a target token.
     positions: Tensor,
     /// The target token at each position.
     targets: Tensor,
-    n_targets: usize,
-    n_tokens: usize,
+    pub n_targets: usize,
+    pub n_tokens: usize,
+}
+
+impl Batch {
+    /// Right-pads `items` into one batch on `device`.
+    pub fn new(items: &[&Tokenized], device: &Device) -> Result<Self> {
+        make_batch(items, device)
+    }
 }
 
 fn make_batch(items: &[&Tokenized], device: &Device) -> Result<Batch> {
@@ -317,6 +324,124 @@ struct CheckpointMeta {
 const CKPT_META: &str = "checkpoint.json";
 const CKPT_TENSORS: &str = "checkpoint.safetensors";
 
+/// LoRA parameters attached to a model for training, and their optimiser.
+pub struct LoraTrainer {
+    /// Wrapped module names, in model order.
+    pub modules: Vec<String>,
+    /// `[A_0, B_0, A_1, B_1, ...]`, matching `modules`.
+    vars: Vec<Var>,
+    opt: AdamW,
+    dropout: Arc<Mutex<DropoutState>>,
+}
+
+impl LoraTrainer {
+    /// Puts freshly initialised, trainable LoRAs on every linear layer
+    /// `cfg.lora.target_modules` matches. PEFT's initialisation: `A`
+    /// Kaiming-uniform (bound `1/sqrt(in)`), `B` zero, from `cfg.seed`.
+    pub fn attach(model: &mut Llama, cfg: &TrainConfig) -> Result<Self> {
+        let device = model.device().clone();
+        let dtype = model.dtype();
+        let mut init_rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+        let dropout = Arc::new(Mutex::new(DropoutState {
+            training: false,
+            rng: rand::rngs::SmallRng::seed_from_u64(0),
+        }));
+        let mut modules = Vec::new();
+        let mut vars: Vec<Var> = Vec::new();
+        for lin in model.linears_mut() {
+            if !cfg.lora.target_modules.matches(lin.name()) {
+                continue;
+            }
+            let (out, inp) = (lin.out_features(), lin.in_features());
+            let bound = 1.0 / (inp as f32).sqrt();
+            let a: Vec<f32> = (0..cfg.lora.rank * inp)
+                .map(|_| init_rng.random_range(-bound..bound))
+                .collect();
+            let a = Var::from_tensor(
+                &Tensor::from_vec(a, (cfg.lora.rank, inp), &device)?.to_dtype(dtype)?,
+            )?;
+            let b = Var::from_tensor(&Tensor::zeros((out, cfg.lora.rank), dtype, &device)?)?;
+            lin.set_adapter(Some(Arc::new(TrainableLora {
+                a: a.clone(),
+                b: b.clone(),
+                scale: cfg.lora.scale(),
+                dropout: cfg.lora.dropout as f32,
+                state: dropout.clone(),
+            })));
+            modules.push(lin.name().to_string());
+            vars.push(a);
+            vars.push(b);
+        }
+        if modules.is_empty() {
+            return Err(Error::invalid(format!(
+                "target_modules {:?} matches no linear layer of this model",
+                cfg.lora.target_modules
+            )));
+        }
+        let opt = AdamW::new(vars.clone(), cfg.weight_decay)?;
+        Ok(Self {
+            modules,
+            vars,
+            opt,
+            dropout,
+        })
+    }
+
+    /// One optimiser step over `micro` batches (each with its dropout
+    /// seed): gradients are summed over micro-batches and normalised by the
+    /// step's number of target tokens. Returns the mean target-token loss.
+    pub fn step(&mut self, model: &Llama, micro: &[(Batch, u64)], lr: f64) -> Result<f64> {
+        let target_count: usize = micro.iter().map(|(b, _)| b.n_targets).sum();
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+        let mut loss_sum = 0.0;
+        for (batch, seed) in micro {
+            {
+                let mut st = self.dropout.lock().expect("dropout state");
+                st.training = true;
+                st.rng = rand::rngs::SmallRng::seed_from_u64(*seed);
+            }
+            let nll = batch_nll_sum(model, batch);
+            let nll = match nll {
+                Ok(n) => n,
+                Err(e) => {
+                    self.dropout.lock().expect("dropout state").training = false;
+                    return Err(e);
+                }
+            };
+            loss_sum += nll.to_scalar::<f32>()? as f64;
+            let g = (nll / target_count.max(1) as f64)?.backward()?;
+            for (i, v) in self.vars.iter().enumerate() {
+                if let Some(gi) = g.get(v.as_tensor()) {
+                    grads[i] = Some(match grads[i].take() {
+                        Some(acc) => (acc + gi)?,
+                        None => gi.clone(),
+                    });
+                }
+            }
+        }
+        self.dropout.lock().expect("dropout state").training = false;
+        self.opt.step(&grads, lr)?;
+        Ok(loss_sum / target_count.max(1) as f64)
+    }
+
+    /// The current LoRA factors, detached from the graph.
+    pub fn weights(&self) -> LoraWeights {
+        self.modules
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                (
+                    m.clone(),
+                    (
+                        self.vars[2 * i].as_tensor().detach(),
+                        self.vars[2 * i + 1].as_tensor().detach(),
+                    ),
+                )
+            })
+            .collect()
+    }
+}
+
 /// Trains one LoRA on `train` and returns its weights.
 ///
 /// The model's adapters are replaced during training and removed at the
@@ -336,8 +461,6 @@ pub fn train_lora(
     if train.is_empty() {
         return Err(Error::invalid("no training examples"));
     }
-    let device = model.device().clone();
-    let dtype = model.dtype();
     let tok_all = |exs: &[Example]| -> Result<Vec<Tokenized>> {
         exs.iter()
             .map(|e| tokenize_example(tok, e, cfg.max_input_len, cfg.max_target_len))
@@ -356,45 +479,7 @@ pub fn train_lora(
         });
     }
 
-    // PEFT's initialisation: A Kaiming-uniform (bound 1/sqrt(in)), B zero.
-    let mut init_rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
-    let state = Arc::new(Mutex::new(DropoutState {
-        training: false,
-        rng: rand::rngs::SmallRng::seed_from_u64(0),
-    }));
-    let mut modules = Vec::new();
-    let mut vars: Vec<Var> = Vec::new();
-    for lin in model.linears_mut() {
-        if !cfg.lora.target_modules.matches(lin.name()) {
-            continue;
-        }
-        let (out, inp) = (lin.out_features(), lin.in_features());
-        let bound = 1.0 / (inp as f32).sqrt();
-        let a: Vec<f32> = (0..cfg.lora.rank * inp)
-            .map(|_| init_rng.random_range(-bound..bound))
-            .collect();
-        let a = Var::from_tensor(
-            &Tensor::from_vec(a, (cfg.lora.rank, inp), &device)?.to_dtype(dtype)?,
-        )?;
-        let b = Var::from_tensor(&Tensor::zeros((out, cfg.lora.rank), dtype, &device)?)?;
-        lin.set_adapter(Some(Arc::new(TrainableLora {
-            a: a.clone(),
-            b: b.clone(),
-            scale: cfg.lora.scale(),
-            dropout: cfg.lora.dropout as f32,
-            state: state.clone(),
-        })));
-        modules.push(lin.name().to_string());
-        vars.push(a);
-        vars.push(b);
-    }
-    if modules.is_empty() {
-        return Err(Error::invalid(format!(
-            "target_modules {:?} matches no linear layer of this model",
-            cfg.lora.target_modules
-        )));
-    }
-    let mut opt = AdamW::new(vars.clone(), cfg.weight_decay)?;
+    let mut trainer = LoraTrainer::attach(model, cfg)?;
 
     let mut start_step = 0;
     let mut tokens_seen = 0u64;
@@ -402,7 +487,7 @@ pub fn train_lora(
     let mut base_val_loss = None;
     let mut last_loss = f64::NAN;
     if let Some(dir) = checkpoint_dir {
-        if let Some(meta) = load_checkpoint(dir, cfg, &modules, &mut opt)? {
+        if let Some(meta) = load_checkpoint(dir, cfg, &trainer.modules, &mut trainer.opt)? {
             observer.on_message(&format!("resuming from step {}", meta.step));
             start_step = meta.step;
             tokens_seen = meta.tokens_seen;
@@ -416,18 +501,13 @@ pub fn train_lora(
     }
 
     let started = Instant::now();
+    let device = model.device().clone();
     let warmup = cfg.warmup_steps();
     let n = train_t.len();
     let mut perm_cache: HashMap<u64, Vec<usize>> = HashMap::new();
     for step in start_step..cfg.steps {
         let t0 = Instant::now();
         let lr = linear_schedule(cfg.lr, step, warmup, cfg.steps);
-        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-        let mut loss_sum = 0.0;
-        let mut target_count = 0usize;
-        let mut step_tokens = 0usize;
-        // Gradients are summed over micro-batches, then divided by the
-        // number of target tokens of the whole step.
         let mut micro: Vec<(Batch, u64)> = Vec::with_capacity(cfg.grad_accum);
         for k in 0..cfg.grad_accum {
             let items: Vec<&Tokenized> = (0..cfg.batch_size)
@@ -445,35 +525,15 @@ pub fn train_lora(
                 })
                 .collect();
             let batch = make_batch(&items, &device)?;
-            target_count += batch.n_targets;
             let mseed =
                 cfg.seed ^ ((step * cfg.grad_accum + k) as u64).wrapping_mul(0x2545_F491_4F6C_DD1D);
             micro.push((batch, mseed));
         }
         perm_cache
             .retain(|&e, _| e + 1 >= ((step + 1) * cfg.grad_accum * cfg.batch_size / n) as u64);
-        for (batch, mseed) in &micro {
-            {
-                let mut st = state.lock().expect("dropout state");
-                st.training = true;
-                st.rng = rand::rngs::SmallRng::seed_from_u64(*mseed);
-            }
-            let nll = batch_nll_sum(model, batch)?;
-            loss_sum += nll.to_scalar::<f32>()? as f64;
-            step_tokens += batch.n_tokens;
-            let g = (nll / target_count as f64)?.backward()?;
-            for (i, v) in vars.iter().enumerate() {
-                if let Some(gi) = g.get(v.as_tensor()) {
-                    grads[i] = Some(match grads[i].take() {
-                        Some(acc) => (acc + gi)?,
-                        None => gi.clone(),
-                    });
-                }
-            }
-        }
-        state.lock().expect("dropout state").training = false;
-        opt.step(&grads, lr)?;
-        last_loss = loss_sum / target_count.max(1) as f64;
+        let step_tokens: usize = micro.iter().map(|(b, _)| b.n_tokens).sum();
+        let loss = trainer.step(model, &micro, lr)?;
+        last_loss = loss;
         if !last_loss.is_finite() {
             detach_adapters(model);
             return Err(Error::invalid(format!(
@@ -507,13 +567,13 @@ pub fn train_lora(
                     &CheckpointMeta {
                         step: done,
                         config: cfg.clone(),
-                        modules: modules.clone(),
+                        modules: trainer.modules.clone(),
                         tokens_seen,
                         wall_time_s: prior_wall + started.elapsed().as_secs_f64(),
                         base_val_loss,
                         last_loss,
                     },
-                    &opt,
+                    &trainer.opt,
                 )?;
             }
         }
@@ -527,16 +587,7 @@ pub fn train_lora(
     } else {
         Some(mean_loss(model, &val_t, cfg.batch_size)?)
     };
-    let mut weights = BTreeMap::new();
-    for (i, m) in modules.iter().enumerate() {
-        weights.insert(
-            m.clone(),
-            (
-                vars[2 * i].as_tensor().detach(),
-                vars[2 * i + 1].as_tensor().detach(),
-            ),
-        );
-    }
+    let weights = trainer.weights();
     detach_adapters(model);
     let report = TrainReport {
         steps: cfg.steps,
