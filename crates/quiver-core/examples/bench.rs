@@ -13,6 +13,9 @@ use quiver_core::generate::{generate, SamplingParams};
 use quiver_core::lora::{LoraConfig, TargetModules};
 use quiver_core::train::{Batch, LoraTrainer, Tokenized, TrainConfig};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Args {
     model: String,
     threads: usize,
@@ -84,7 +87,9 @@ fn peak_rss_mb() -> f64 {
 }
 
 fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
             x ^= x << 13;
@@ -109,7 +114,11 @@ fn main() -> anyhow::Result<()> {
     });
 
     if args.sections.iter().any(|s| s == "score") {
-        let ids = Tensor::from_vec(random_ids(b_sz * seq_len, vocab, 1), (b_sz, seq_len), &Device::Cpu)?;
+        let ids = Tensor::from_vec(
+            random_ids(b_sz * seq_len, vocab, 1),
+            (b_sz, seq_len),
+            &Device::Cpu,
+        )?;
         let t = time_median(reps, || {
             lm.model.forward(&ids, None).expect("forward");
         });
@@ -124,7 +133,8 @@ fn main() -> anyhow::Result<()> {
             ..Default::default()
         };
         let t = time_median(reps.min(3), || {
-            let (toks, _) = generate(&lm.model, &prompt, &params, &[], |_| Ok(())).expect("generate");
+            let (toks, _) =
+                generate(&lm.model, &prompt, &params, &[], |_| Ok(())).expect("generate");
             assert_eq!(toks.len(), 64);
         });
         out["generate"] = serde_json::json!({"tokens_per_s": 64.0 / t, "new_tokens": 64});
@@ -138,9 +148,17 @@ fn main() -> anyhow::Result<()> {
                 alpha: 16.0,
                 dropout: 0.05,
                 target_modules: TargetModules::Names(
-                    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-                        .map(String::from)
-                        .to_vec(),
+                    [
+                        "q_proj",
+                        "k_proj",
+                        "v_proj",
+                        "o_proj",
+                        "gate_proj",
+                        "up_proj",
+                        "down_proj",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
                 ),
                 ..LoraConfig::default()
             },
@@ -164,7 +182,11 @@ fn main() -> anyhow::Result<()> {
             trainer.step(&lm.model, &micro, 1e-4).expect("train step");
         });
         out["train"] = serde_json::json!({"step_s": t, "tokens_per_s": (b_sz * seq_len) as f64 / t, "batch": b_sz, "seq_len": seq_len});
-        eprintln!("train: {:.3}s/step, {:.0} tokens/s", t, (b_sz * seq_len) as f64 / t);
+        eprintln!(
+            "train: {:.3}s/step, {:.0} tokens/s",
+            t,
+            (b_sz * seq_len) as f64 / t
+        );
     }
     out["peak_rss_mb"] = serde_json::json!(peak_rss_mb());
     let text = serde_json::to_string_pretty(&out)?;

@@ -13,16 +13,94 @@ fn tracks(ts: &[&Tensor]) -> bool {
     ts.iter().any(|t| t.track_op())
 }
 
+type BackwardFn = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+
+/// Reattaches a value computed outside the autograd graph to its input:
+/// forward returns `ys` unchanged, backward maps the output gradient to the
+/// input gradient with a hand-written function. This is how the fused
+/// kernels (which candle gives no backward) are used while training.
+struct GradBridge {
+    bwd: BackwardFn,
+}
+
+fn clone_contiguous<S: candle_core::backend::BackendStorage>(
+    s: &S,
+    l: &candle_core::Layout,
+) -> Result<(S, candle_core::Shape)> {
+    if !l.is_contiguous() || l.start_offset() != 0 {
+        candle_core::bail!("grad-bridge: the output must be contiguous")
+    }
+    Ok((s.try_clone(l)?, l.shape().clone()))
+}
+
+impl candle_core::CustomOp2 for GradBridge {
+    fn name(&self) -> &'static str {
+        "grad-bridge"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        ys: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        clone_contiguous(ys, l)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        ys: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        clone_contiguous(ys, l)
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some((self.bwd)(grad)?), None))
+    }
+}
+
+/// `ys` (computed from `xs.detach()`) with gradient `bwd(dL/dys)` flowing to `xs`.
+pub fn attach_grad(
+    xs: &Tensor,
+    ys: Tensor,
+    bwd: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let ys = ys.contiguous()?;
+    xs.apply_op2(&ys, GradBridge { bwd: Box::new(bwd) })
+}
+
 /// RMSNorm over the last dimension: `xs / sqrt(mean(xs^2) + eps) * weight`.
 ///
 /// # Shapes
 /// * `xs`: `(.., hidden)`, `weight`: `(hidden,)`
 pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if tracks(&[xs, weight]) || xs.dtype() != DType::F32 {
-        rms_norm_composed(xs, weight, eps)
-    } else {
-        candle_nn::ops::rms_norm(&xs.contiguous()?, weight, eps as f32)
+    if weight.track_op() || xs.dtype() != DType::F32 {
+        return rms_norm_composed(xs, weight, eps);
     }
+    let x = xs.detach().contiguous()?;
+    let ys = candle_nn::ops::rms_norm(&x, weight, eps as f32)?;
+    if !xs.track_op() {
+        return Ok(ys);
+    }
+    // dx = r (g w) - x r^3 mean(g w x), r = 1 / sqrt(mean(x^2) + eps)
+    let w = weight.clone();
+    attach_grad(xs, ys, move |g| {
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        let gw = g.broadcast_mul(&w)?;
+        let dot = (&gw * &x)?.mean_keepdim(D::Minus1)?;
+        let coef = (dot * r.powf(3.0)?)?;
+        gw.broadcast_mul(&r)? - x.broadcast_mul(&coef)?
+    })
 }
 
 /// Plain differentiable RMSNorm, the reference for the fused kernel.
@@ -37,11 +115,16 @@ pub fn rms_norm_composed(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tenso
 
 /// Softmax over the last dimension.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
-    if tracks(&[xs]) {
-        softmax_composed(xs)
-    } else {
-        candle_nn::ops::softmax_last_dim(&xs.contiguous()?)
+    let ys = candle_nn::ops::softmax_last_dim(&xs.detach().contiguous()?)?;
+    if !xs.track_op() {
+        return Ok(ys);
     }
+    // dx = y (g - sum(g y))
+    let y = ys.clone();
+    attach_grad(xs, ys, move |g| {
+        let dot = (g * &y)?.sum_keepdim(D::Minus1)?;
+        &y * g.broadcast_sub(&dot)?
+    })
 }
 
 /// Plain differentiable softmax. The max is detached: it only stabilises
@@ -67,11 +150,48 @@ pub fn log_softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
 /// * `xs`: `(b_sz, n_head, seq_len, head_dim)`
 /// * `cos`, `sin`: `(seq_len, head_dim / 2)`
 pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if tracks(&[xs]) || xs.dtype() != cos.dtype() {
-        rope_composed(xs, cos, sin)
-    } else {
-        candle_nn::rotary_emb::rope(&xs.contiguous()?, cos, sin)
+    if tracks(&[cos, sin]) || xs.dtype() != cos.dtype() {
+        return rope_composed(xs, cos, sin);
     }
+    let ys = candle_nn::rotary_emb::rope(&xs.detach().contiguous()?, cos, sin)?;
+    if !xs.track_op() {
+        return Ok(ys);
+    }
+    // RoPE is a rotation: its transpose rotates by the opposite angle.
+    let (cos, neg_sin) = (cos.clone(), sin.neg()?);
+    attach_grad(xs, ys, move |g| {
+        candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin)
+    })
+}
+
+/// Sum over rows of `-log softmax(logits)[target]`, with a backward of
+/// `softmax(logits) - onehot(target)`: one fused softmax instead of the
+/// five passes (and their backward) of a composed log-softmax over the
+/// vocabulary, which dominate a training step's elementwise time.
+///
+/// # Shapes
+/// * `logits`: `(n, vocab)` f32, `targets`: `(n,)` u32; returns a scalar.
+pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let l = logits.detach().contiguous()?;
+    let t = targets.unsqueeze(1)?;
+    let lse = log_softmax_last_dim(&l)?;
+    let nll = lse.gather(&t, 1)?.sum_all()?.neg()?;
+    if !logits.track_op() {
+        return Ok(nll);
+    }
+    attach_grad(logits, nll, move |g| {
+        let p = candle_nn::ops::softmax_last_dim(&l)?;
+        let minus_one = Tensor::full(-1f32, t.dims(), t.device())?.to_dtype(p.dtype())?;
+        p.scatter_add(&t, &minus_one, 1)?.broadcast_mul(g)
+    })
+}
+
+/// Plain differentiable cross-entropy sum, the reference for [`cross_entropy_sum`].
+pub fn cross_entropy_sum_composed(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    log_softmax_last_dim(logits)?
+        .gather(&targets.unsqueeze(1)?, 1)?
+        .sum_all()?
+        .neg()
 }
 
 /// Plain differentiable rotate-half RoPE.
@@ -122,6 +242,62 @@ mod tests {
             &rope_composed(&xs, &cos, &sin)?,
             1e-5,
         );
+        Ok(())
+    }
+
+    /// Values and input gradients of every fused op with a hand-written
+    /// backward equal the plain composition's.
+    #[test]
+    fn fused_backward_equals_composed_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        let check = |name: &str,
+                     shape: (usize, usize, usize, usize),
+                     fast: &dyn Fn(&Tensor) -> Result<Tensor>,
+                     slow: &dyn Fn(&Tensor) -> Result<Tensor>|
+         -> Result<()> {
+            let x = Var::randn(0f32, 1.0, shape, &dev)?;
+            let yf = fast(x.as_tensor())?;
+            let ys = slow(x.as_tensor())?;
+            let probe = Tensor::randn(0f32, 1.0, yf.shape(), &dev)?;
+            let dv = (&yf - &ys)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(dv < 1e-5, "{name}: value diff {dv}");
+            let gf = (yf * &probe)?.sum_all()?.backward()?;
+            let gs = (ys * &probe)?.sum_all()?.backward()?;
+            let (gf, gs) = (
+                gf.get(x.as_tensor()).unwrap(),
+                gs.get(x.as_tensor()).unwrap(),
+            );
+            let dg = (gf - gs)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(dg < 1e-4, "{name}: gradient diff {dg}");
+            Ok(())
+        };
+        let w = Tensor::randn(1f32, 0.2, 8, &dev)?;
+        check("rms_norm", (2, 3, 5, 8), &|x| rms_norm(x, &w, 1e-5), &|x| {
+            rms_norm_composed(x, &w, 1e-5)
+        })?;
+        check("softmax", (2, 3, 5, 8), &|x| softmax_last_dim(x), &|x| {
+            softmax_composed(x)
+        })?;
+        let cos = Tensor::randn(0f32, 1.0, (5, 4), &dev)?;
+        let sin = Tensor::randn(0f32, 1.0, (5, 4), &dev)?;
+        check("rope", (2, 3, 5, 8), &|x| rope(x, &cos, &sin), &|x| {
+            rope_composed(x, &cos, &sin)
+        })?;
+        let targets = Tensor::new(&[3u32, 0, 7, 7, 1, 2], &dev)?;
+        check(
+            "cross_entropy",
+            (1, 1, 6, 8),
+            &|x| cross_entropy_sum(&x.reshape((6, 8))?, &targets),
+            &|x| cross_entropy_sum_composed(&x.reshape((6, 8))?, &targets),
+        )?;
         Ok(())
     }
 

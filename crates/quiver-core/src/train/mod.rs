@@ -249,12 +249,7 @@ fn batch_nll_sum(model: &Llama, batch: &Batch) -> Result<Tensor> {
         .reshape((b * s, h))?
         .index_select(&batch.positions, 0)?;
     let logits = model.logits(&picked)?.to_dtype(DType::F32)?;
-    let logp = ops::log_softmax_last_dim(&logits)?;
-    let nll = logp
-        .gather(&batch.targets.unsqueeze(1)?, 1)?
-        .sum_all()?
-        .neg()?;
-    Ok(nll)
+    Ok(ops::cross_entropy_sum(&logits, &batch.targets)?)
 }
 
 /// Mean target-token loss over `data` (no dropout, no gradient).
