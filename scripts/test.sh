@@ -29,23 +29,27 @@ quiver="$root/target/release/quiver"
 say "fetching the default model"
 "$quiver" fetch --no-progress smollm2-135m
 
-say "Rust tests (real model required)"
-QUIVER_REQUIRE_ASSETS=1 cargo test --workspace --locked
-
 if [ "${QUIVER_SKIP_PYTHON:-0}" = "1" ]; then
+  say "Rust tests (real model required; S3 tests skipped without moto)"
+  QUIVER_REQUIRE_ASSETS=1 cargo test --workspace --locked
   say "skipping Python interop checks (QUIVER_SKIP_PYTHON=1)"
   exit 0
 fi
 
-say "Python interop: transformers loads what quiver convert writes"
+say "Python environment (.venv): torch, transformers, peft, moto"
 venv="$root/.venv"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv" || { apt-get update -qq && apt-get install -y -qq python3-venv && python3 -m venv "$venv"; }
 fi
-if ! "$venv/bin/python" -c "import torch, transformers, peft" >/dev/null 2>&1; then
+if ! "$venv/bin/python" -c "import torch, transformers, peft, moto.server" >/dev/null 2>&1; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r scripts/interop/requirements.txt
 fi
 py="$venv/bin/python"
+
+say "Rust tests (real model and S3 server required)"
+QUIVER_REQUIRE_ASSETS=1 QUIVER_REQUIRE_S3=1 QUIVER_PYTHON="$py" cargo test --workspace --locked
+
+say "Python interop: transformers loads what quiver convert writes"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 

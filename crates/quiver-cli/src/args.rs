@@ -48,6 +48,12 @@ pub enum Command {
     Train(TrainArgs),
     /// List and export multi-task data (BIG-bench, olmo tasks, your own JSONL).
     Data(crate::commands::data::DataArgs),
+    /// Manage an expert library: list, show, import, export, remove, verify, copy (local or s3://).
+    Library(crate::commands::library::LibraryArgs),
+    /// Group a library's experts by the similarity of their LoRA weights (MBC) or at random.
+    Cluster(crate::commands::cluster::ClusterArgs),
+    /// Compute and cache Arrow routing prototypes for every expert and layer of a library.
+    Arrow(crate::commands::arrow::ArrowArgs),
 }
 
 /// Where a model runs.
@@ -136,9 +142,10 @@ pub struct ConvertArgs {
 pub struct TrainArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Library directory the experts are written to (default: $QUIVER_LIBRARY).
+    /// Library the experts are written to: a directory or s3://bucket/prefix
+    /// (default: $QUIVER_LIBRARY).
     #[arg(long, env = "QUIVER_LIBRARY")]
-    pub library: PathBuf,
+    pub library: String,
     /// Data: `bigbench`, `olmo` (after `quiver fetch`) or a JSONL file
     /// ({"task", "source", "target"} per line; see `quiver data --help`).
     #[arg(long, default_value = "bigbench")]
@@ -147,8 +154,12 @@ pub struct TrainArgs {
     #[arg(long, conflicts_with = "source")]
     pub data: Option<PathBuf>,
     /// Comma-separated task names (see `quiver data tasks`).
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required_unless_present = "clusters")]
     pub tasks: Vec<String>,
+    /// A clusters.json from `quiver cluster`: train one expert per cluster on the
+    /// union of its tasks, named after the cluster (MBC step 7).
+    #[arg(long, conflicts_with_all = ["tasks", "shared"])]
+    pub clusters: Option<PathBuf>,
     /// Train one expert called NAME on the union of --tasks instead of one per task.
     #[arg(long)]
     pub shared: Option<String>,

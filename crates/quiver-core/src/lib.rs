@@ -8,13 +8,16 @@ pub mod data;
 pub mod error;
 pub mod expert;
 pub mod generate;
+pub mod library;
 pub mod lora;
 pub mod model;
 pub mod models;
 pub mod ops;
+pub mod routing;
 pub mod score;
 pub mod tokenizer;
 pub mod train;
+pub mod transform;
 
 pub use error::{Error, Result};
 pub use model::{load, LoadedModel, ModelSource};

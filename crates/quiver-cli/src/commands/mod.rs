@@ -1,9 +1,12 @@
 //! One module per subcommand.
 
+pub mod arrow;
+pub mod cluster;
 mod convert;
 pub mod data;
 mod fetch;
 mod generate;
+pub mod library;
 pub mod route;
 mod score;
 mod train;
@@ -25,6 +28,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Convert(a) => convert::run(g, a),
         Command::Train(a) => train::run(g, a),
         Command::Data(a) => data::run(g, a),
+        Command::Library(a) => library::run(g, a),
+        Command::Cluster(a) => cluster::run(g, a),
+        Command::Arrow(a) => arrow::run(g, a),
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use quiver_core::data::{is_held_out, split_examples, DataSource, Example, Split};
 use quiver_core::expert::{expert_name_for_task, model_fingerprint, validate_name, BaseModelId};
@@ -60,7 +60,7 @@ struct Job {
     val: Vec<Example>,
 }
 
-pub fn run(g: &GlobalArgs, a: TrainArgs) -> Result<ExitCode> {
+pub fn run(g: &GlobalArgs, mut a: TrainArgs) -> Result<ExitCode> {
     let cfg = TrainConfig {
         steps: a.steps,
         lr: a.lr,
@@ -83,6 +83,14 @@ pub fn run(g: &GlobalArgs, a: TrainArgs) -> Result<ExitCode> {
         },
     };
     cfg.validate()?;
+    let clusters = match &a.clusters {
+        Some(path) => {
+            let c = quiver_core::transform::Clustering::load(path)?;
+            a.tasks = c.clusters.values().flatten().cloned().collect();
+            Some(c.clusters)
+        }
+        None => None,
+    };
     for t in &a.tasks {
         if is_held_out(t) {
             bail!(
@@ -110,8 +118,30 @@ pub fn run(g: &GlobalArgs, a: TrainArgs) -> Result<ExitCode> {
         }
         tasks.push((t.clone(), train, val));
     }
-    let jobs: Vec<Job> = match &a.shared {
-        Some(name) => {
+    let by_task: std::collections::HashMap<String, (Vec<Example>, Vec<Example>)> = tasks
+        .iter()
+        .map(|(t, tr, va)| (t.clone(), (tr.clone(), va.clone())))
+        .collect();
+    let jobs: Vec<Job> = match (&clusters, &a.shared) {
+        (Some(clusters), _) => clusters
+            .iter()
+            .map(|(name, members)| {
+                let mut train = Vec::new();
+                let mut val = Vec::new();
+                for t in members {
+                    let (tr, va) = &by_task[t];
+                    train.extend(tr.iter().cloned());
+                    val.extend(va.iter().cloned());
+                }
+                Job {
+                    name: name.clone(),
+                    tasks: members.clone(),
+                    train,
+                    val,
+                }
+            })
+            .collect(),
+        (None, Some(name)) => {
             validate_name(name)?;
             let mut train = Vec::new();
             let mut val = Vec::new();
@@ -126,7 +156,7 @@ pub fn run(g: &GlobalArgs, a: TrainArgs) -> Result<ExitCode> {
                 val,
             }]
         }
-        None => tasks
+        (None, None) => tasks
             .into_iter()
             .map(|(t, train, val)| Job {
                 name: expert_name_for_task(&t),
@@ -139,8 +169,17 @@ pub fn run(g: &GlobalArgs, a: TrainArgs) -> Result<ExitCode> {
     for job in &jobs {
         validate_name(&job.name)?;
     }
-    std::fs::create_dir_all(&a.library)
-        .with_context(|| format!("cannot create library {}", a.library.display()))?;
+    let library = quiver_core::library::ExpertLibrary::open_or_create(&a.library)?;
+    // Checkpoints stay on local disk: next to a local library, under
+    // $QUIVER_HOME for a remote one.
+    let staging_root = match library.local_path("x") {
+        Some(_) => std::path::PathBuf::from(&a.library).join(".staging"),
+        None => {
+            use sha2::Digest;
+            let h = format!("{:x}", sha2::Sha256::digest(a.library.as_bytes()));
+            home.join("staging").join(&h[..16])
+        }
+    };
 
     let mut lm = super::load_model(g, &a.model)?;
     let base = BaseModelId {
@@ -155,8 +194,7 @@ pub fn run(g: &GlobalArgs, a: TrainArgs) -> Result<ExitCode> {
             train,
             val,
         } = job;
-        let dest = a.library.join(&name);
-        if dest.exists() {
+        if library.contains(&name)? {
             if !g.quiet {
                 eprintln!(
                     "[{}/{total}] {name}: already in the library, skipping",
@@ -165,7 +203,7 @@ pub fn run(g: &GlobalArgs, a: TrainArgs) -> Result<ExitCode> {
             }
             continue;
         }
-        let staging = a.library.join(".staging").join(&name);
+        let staging = staging_root.join(&name);
         let pb = if crate::progress::enabled(g) {
             let pb = ProgressBar::new(cfg.steps as u64);
             pb.set_style(
@@ -192,7 +230,7 @@ pub fn run(g: &GlobalArgs, a: TrainArgs) -> Result<ExitCode> {
         )?;
         bar.pb.finish_and_clear();
         let expert = make_expert(&name, task_names, weights, &cfg, &report, base.clone());
-        expert.save(&dest)?;
+        library.add_expert(&expert)?;
         let _ = std::fs::remove_dir_all(&staging);
         if !g.quiet {
             let fmt = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
@@ -213,7 +251,7 @@ pub fn run(g: &GlobalArgs, a: TrainArgs) -> Result<ExitCode> {
         }
         println!(
             "{}",
-            serde_json::json!({"expert": name, "path": dest, "report": report})
+            serde_json::json!({"expert": name, "library": a.library, "report": report})
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -1,0 +1,290 @@
+//! Routed scoring vs the base model (METHOD.md section 2): tokens/s of the
+//! transformer body (the layers routing touches; the output head is timed
+//! apart and reported as a second ratio) with Arrow routing over
+//! random libraries of 8, 64 and 256 rank-4 experts on q/k/v/o, against
+//! the base model measured in the same run, on a random model with
+//! SmolLM2-135M's dimensions (hidden 576, 30 layers, 9 heads, 3 KV heads,
+//! FFN 1536, vocabulary 49152).
+//!
+//! ```text
+//! cargo run --release -p quiver-core --example bench_routing -- [--layers 30] [--batch 4] [--seq 128] [--sizes 8,64,256] [--reps 5] [--paths fast,grouped,reference]
+//! ```
+//!
+//! Runs alternate base and routed forwards and report the best of each,
+//! so load from other processes hits both alike.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use quiver_core::expert::Expert;
+use quiver_core::lora::LoraConfig;
+use quiver_core::models::{Llama, LlamaConfig, WeightMap};
+use quiver_core::routing::{
+    arrow_prototypes, install, MixMode, Route, RouteOptions, RoutePath, SvdMethod,
+};
+use rand::{Rng, SeedableRng};
+
+// The allocator the `quiver` binary uses.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+struct Args {
+    layers: usize,
+    batch: usize,
+    seq: usize,
+    sizes: Vec<usize>,
+    reps: usize,
+    top_k: usize,
+    paths: Vec<String>,
+    micro: bool,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        layers: 30,
+        batch: 4,
+        seq: 128,
+        sizes: vec![8, 64, 256],
+        reps: 5,
+        top_k: 4,
+        paths: vec!["fast".into()],
+        micro: false,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let val = argv.get(i + 1).cloned().unwrap_or_default();
+        match argv[i].as_str() {
+            "--layers" => a.layers = val.parse().expect("--layers N"),
+            "--batch" => a.batch = val.parse().expect("--batch N"),
+            "--seq" => a.seq = val.parse().expect("--seq N"),
+            "--reps" => a.reps = val.parse().expect("--reps N"),
+            "--top-k" => a.top_k = val.parse().expect("--top-k N"),
+            "--sizes" => {
+                a.sizes = val
+                    .split(',')
+                    .map(|s| s.parse().expect("--sizes N,M"))
+                    .collect()
+            }
+            "--paths" => a.paths = val.split(',').map(String::from).collect(),
+            "--micro" => {
+                a.micro = true;
+                i += 1;
+                continue;
+            }
+            other => panic!("unknown argument {other}"),
+        }
+        i += 2;
+    }
+    a
+}
+
+fn smollm2_config(layers: usize) -> LlamaConfig {
+    serde_json::from_value(serde_json::json!({
+        "model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
+        "intermediate_size": 1536, "num_hidden_layers": layers, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "rms_norm_eps": 1e-5, "max_position_embeddings": 2048,
+        "rope_theta": 100000.0, "tie_word_embeddings": true
+    }))
+    .expect("valid config")
+}
+
+fn random_expert(model: &Llama, name: String, rng: &mut rand::rngs::StdRng) -> Expert {
+    let config = LoraConfig::default(); // rank 4, alpha 16, q/k/v/o
+    let mut weights = BTreeMap::new();
+    for lin in model.linears() {
+        if lin.name() == "lm_head" || !config.target_modules.matches(lin.name()) {
+            continue;
+        }
+        let mut m = |rows: usize, cols: usize, std: f32| {
+            let v: Vec<f32> = (0..rows * cols)
+                .map(|_| std * (rng.random::<f32>() * 2.0 - 1.0) * 1.732)
+                .collect();
+            Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+        };
+        let a = m(4, lin.in_features(), 0.02);
+        let b = m(lin.out_features(), 4, 0.02);
+        weights.insert(lin.name().to_string(), (a, b));
+    }
+    Expert {
+        name,
+        config,
+        weights,
+        info: None,
+    }
+}
+
+/// Best of the runs: on a shared machine, interference only ever adds time.
+fn best(v: Vec<f64>) -> f64 {
+    v.into_iter().fold(f64::INFINITY, f64::min)
+}
+
+/// The transformer body: everything routing touches.
+fn time_forward(model: &Llama, ids: &Tensor) -> f64 {
+    let t = Instant::now();
+    model.forward_hidden(ids, None).unwrap();
+    t.elapsed().as_secs_f64()
+}
+
+/// The output head on every position (the same with and without routing).
+fn time_head(model: &Llama, ids: &Tensor, reps: usize) -> f64 {
+    let hidden = model.forward_hidden(ids, None).unwrap();
+    best(
+        (0..reps.max(1))
+            .map(|_| {
+                let t = Instant::now();
+                model.logits(&hidden).unwrap();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+/// One q_proj-sized layer: where a routed layer's time goes.
+fn micro(a: &Args) {
+    use quiver_core::lora::{matmul_t, LinearAdapter};
+    use quiver_core::routing::router::select_top_k;
+    use quiver_core::routing::{RoutedLora, Selector, SelectorKind};
+    use std::sync::Arc;
+    let n = a.batch * a.seq;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let mut m = |rows: usize, cols: usize| {
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random::<f32>() - 0.5)
+            .collect();
+        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+    };
+    let x = m(n, 576);
+    let w = m(576, 576);
+    let time = |f: &dyn Fn()| {
+        f();
+        let t = Instant::now();
+        for _ in 0..20 {
+            f();
+        }
+        t.elapsed().as_secs_f64() / 20.0 * 1e3
+    };
+    println!("one 576x576 layer, {n} tokens (ms per call)");
+    println!(
+        "base matmul: {:.3}",
+        time(&|| drop(matmul_t(&x, &w).unwrap()))
+    );
+    for &e in &a.sizes {
+        let protos = m(e, 576);
+        let sel = Selector::new(
+            SelectorKind::Arrow,
+            &protos,
+            1.0,
+            a.top_k.min(e),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let factors = (0..e).map(|_| (m(4, 576), m(576, 4), 4.0)).collect();
+        let names = Arc::new((0..e).map(|i| format!("e{i}")).collect::<Vec<_>>());
+        let layer = RoutedLora::new(
+            "q",
+            names,
+            factors,
+            sel.clone(),
+            MixMode::Output,
+            RoutePath::Fast,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let logits = sel.logits(&x).unwrap();
+        let x3 = x.unsqueeze(0).unwrap();
+        println!(
+            "{e:>4} experts: logits {:.3}, top-k {:.3}, whole routed delta {:.3}",
+            time(&|| drop(sel.logits(&x).unwrap())),
+            time(&|| drop(select_top_k(&logits, n, e, a.top_k.min(e)))),
+            time(&|| drop(layer.delta(&x3).unwrap())),
+        );
+    }
+}
+
+fn main() {
+    let a = parse_args();
+    if a.micro {
+        micro(&a);
+        return;
+    }
+    let cfg = smollm2_config(a.layers);
+    eprintln!(
+        "building a random SmolLM2-135M-sized model ({} layers)...",
+        a.layers
+    );
+    let w = WeightMap::random(&cfg, 0, &Device::Cpu).unwrap();
+    let base = Llama::new(&cfg, &w, &Device::Cpu).unwrap();
+    drop(w);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let ids: Vec<u32> = (0..a.batch * a.seq)
+        .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+        .collect();
+    let ids = Tensor::from_vec(ids, (a.batch, a.seq), &Device::Cpu).unwrap();
+    let n_tokens = (a.batch * a.seq) as f64;
+    // Warm up allocator and caches.
+    time_forward(&base, &ids);
+    let head = time_head(&base, &ids, a.reps);
+
+    let max = *a.sizes.iter().max().unwrap_or(&0);
+    eprintln!("making {max} random rank-4 experts on q/k/v/o...");
+    let experts: Vec<Expert> = (0..max)
+        .map(|i| random_expert(&base, format!("e{i:03}"), &mut rng))
+        .collect();
+
+    println!(
+        "Arrow routing, top-{}, mix output, {} layers, {} x {} tokens per forward, best of {} runs each",
+        a.top_k, a.layers, a.batch, a.seq, a.reps
+    );
+    println!(
+        "time ratios: body = the transformer layers (what routing touches); +head = with the output head on every position ({:.0} ms here)",
+        head * 1e3
+    );
+    println!(
+        "{:>8}  {:>10}  {:>12}  {:>12}  {:>13}  {:>13}",
+        "experts", "path", "base tok/s", "routed tok/s", "ratio (body)", "ratio (+head)"
+    );
+    for &n in &a.sizes {
+        let lib = &experts[..n];
+        let t = Instant::now();
+        let protos = arrow_prototypes(lib, SvdMethod::CholeskyQr).unwrap();
+        let proto_s = t.elapsed().as_secs_f64();
+        for path in &a.paths {
+            let route_path = match path.as_str() {
+                "fast" => RoutePath::Fast,
+                "grouped" => RoutePath::Grouped,
+                "reference" => RoutePath::Reference,
+                p => panic!("unknown path {p}"),
+            };
+            let mut routed = base.clone();
+            let opts = RouteOptions {
+                top_k: Some(a.top_k.min(n)),
+                mix: MixMode::Output,
+                path: route_path,
+                ..RouteOptions::default()
+            };
+            install(&mut routed, lib, &Route::Arrow, Some(&protos), &opts, None).unwrap();
+            time_forward(&routed, &ids);
+            let (mut tb, mut tr) = (Vec::new(), Vec::new());
+            for _ in 0..a.reps {
+                tb.push(time_forward(&base, &ids));
+                tr.push(time_forward(&routed, &ids));
+            }
+            let (tb, tr) = (best(tb), best(tr));
+            println!(
+                "{:>8}  {:>10}  {:>12.0}  {:>12.0}  {:>12.3}x  {:>12.3}x",
+                n,
+                path,
+                n_tokens / tb,
+                n_tokens / tr,
+                tr / tb,
+                (tr + head) / (tb + head)
+            );
+        }
+        eprintln!(
+            "  ({n} experts: Arrow prototypes for {} layers in {proto_s:.2}s)",
+            protos.layers.len()
+        );
+    }
+}

@@ -1,0 +1,949 @@
+//! Per-token routing inside one LoRA-wrapped linear layer (METHOD.md
+//! section 2): score every token against per-expert prototypes, keep the
+//! top-k, softmax over the kept logits, and mix the chosen experts.
+//!
+//! Three implementations of the same function, selected by [`RoutePath`]:
+//!
+//! * [`RoutePath::Reference`]: computes every expert's output for every
+//!   token and weights them with PEFT's dense formulation (non-chosen
+//!   logits set to `-inf`, softmax over all experts). Obviously correct,
+//!   cost grows with the library.
+//! * [`RoutePath::Grouped`]: route first, then, per expert, gather the
+//!   tokens routed to it, one matmul pair, scatter-add back. Candle ops
+//!   only, so it runs on any device.
+//! * [`RoutePath::Fast`] (default): on the CPU the same grouping in a
+//!   plain loop over f32 slices (LoRA ranks are tiny, so candle's
+//!   per-op overhead would dominate); elsewhere [`RoutePath::Grouped`].
+//!
+//! Only the prototype scores grow with the library size (`n x in x E`
+//! multiply-adds); applying experts costs `k` experts per token.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::lora::{matmul_t, LinearAdapter};
+
+/// How the chosen experts are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MixMode {
+    /// `sum_e w_e s_e B_e A_e x`: PEFT's `create_arrow_model` (and mttl's
+    /// `lora_merge_after`, used by its Phatgoose selector). The default:
+    /// it is what the released Arrow implementation users compare against
+    /// computes, and it is a convex mix of the experts' actual outputs.
+    #[default]
+    Output,
+    /// `(sum_e w_e s_e B_e)(sum_e w_e A_e) x`: mttl's default for Arrow
+    /// (mix the factors, then apply one LoRA per token).
+    Factor,
+}
+
+impl std::str::FromStr for MixMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "output" => Ok(MixMode::Output),
+            "factor" => Ok(MixMode::Factor),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown mixing mode `{s}`: expected `output` or `factor`"
+            ))),
+        }
+    }
+}
+
+/// Which implementation of the routed forward runs (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RoutePath {
+    #[default]
+    Fast,
+    Grouped,
+    Reference,
+}
+
+/// How a token is scored against an expert's prototype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SelectorKind {
+    /// `|<x, v_e>| / T`: singular vectors have no sign.
+    Arrow,
+    /// `<x, mu_e> / T` (mean hidden states; `T = sqrt(d)` by default).
+    Mu,
+    /// `<std(x), std(g_e)> / T` with `std` = zero mean, unit variance over
+    /// the `d` features (mttl's `norm_d`); `T = sqrt(d)` by default.
+    Phatgoose,
+}
+
+/// `LayerNorm` without affine parameters, mttl's `norm_d` (eps 1e-5).
+pub(crate) fn standardize(xs: &Tensor) -> candle_core::Result<Tensor> {
+    let mean = xs.mean_keepdim(candle_core::D::Minus1)?;
+    let centered = xs.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+    centered.broadcast_div(&(var + 1e-5)?.sqrt()?)
+}
+
+/// Scores tokens against prototypes and picks the top-k.
+#[derive(Debug, Clone)]
+pub struct Selector {
+    kind: SelectorKind,
+    /// `(E, in)` f32 on the model's device (standardised for Phatgoose).
+    prototypes: Tensor,
+    temperature: f64,
+    top_k: usize,
+}
+
+impl Selector {
+    /// # Shapes
+    /// * `prototypes`: `(n_experts, in)`.
+    pub fn new(
+        kind: SelectorKind,
+        prototypes: &Tensor,
+        temperature: f64,
+        top_k: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let (e, _) = prototypes.dims2()?;
+        check_top_k(top_k, e)?;
+        check_temperature(temperature)?;
+        let mut p = prototypes.to_dtype(DType::F32)?.to_device(device)?;
+        if kind == SelectorKind::Phatgoose {
+            p = standardize(&p)?;
+        }
+        Ok(Self {
+            kind,
+            prototypes: p,
+            temperature,
+            top_k,
+        })
+    }
+
+    pub fn n_experts(&self) -> usize {
+        self.prototypes.dims()[0]
+    }
+
+    pub fn top_k(&self) -> usize {
+        self.top_k
+    }
+
+    /// Router logits, row-major `(n, E)`.
+    ///
+    /// # Shapes
+    /// * `x2`: `(n, in)`.
+    pub fn logits(&self, x2: &Tensor) -> candle_core::Result<Vec<f32>> {
+        let x = x2.to_dtype(DType::F32)?;
+        let x = match self.kind {
+            SelectorKind::Phatgoose => standardize(&x)?,
+            _ => x,
+        };
+        let raw = matmul_t(&x, &self.prototypes)?;
+        let mut l = raw.flatten_all()?.to_vec1::<f32>()?;
+        let inv_t = (1.0 / self.temperature) as f32;
+        match self.kind {
+            SelectorKind::Arrow => l.iter_mut().for_each(|v| *v = v.abs() * inv_t),
+            _ => l.iter_mut().for_each(|v| *v *= inv_t),
+        }
+        Ok(l)
+    }
+}
+
+/// One sentence for a bad `top_k`.
+pub fn check_top_k(top_k: usize, n_experts: usize) -> Result<()> {
+    if top_k == 0 || top_k > n_experts {
+        return Err(Error::InvalidArgument(format!(
+            "top-k is {top_k}, but it must be between 1 and the number of experts in the library ({n_experts})"
+        )));
+    }
+    Ok(())
+}
+
+/// One sentence for a bad temperature.
+pub fn check_temperature(t: f64) -> Result<()> {
+    if !(t.is_finite() && t > 0.0) {
+        return Err(Error::InvalidArgument(format!(
+            "the router temperature must be a positive number, got {t}"
+        )));
+    }
+    Ok(())
+}
+
+/// The experts chosen for each of `n` tokens and their mixing weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Selection {
+    pub k: usize,
+    /// `n * k` expert indices, best first for each token.
+    pub experts: Vec<u32>,
+    /// `n * k` weights (softmax over the kept logits).
+    pub weights: Vec<f32>,
+}
+
+/// Strict total order: higher logit first, then lower index.
+#[inline]
+fn better(l: &[f32], i: usize, j: usize) -> bool {
+    match l[i].total_cmp(&l[j]) {
+        std::cmp::Ordering::Greater => true,
+        std::cmp::Ordering::Less => false,
+        std::cmp::Ordering::Equal => i < j,
+    }
+}
+
+/// Top-k per row of `logits` (`n x e`) and the softmax over the kept ones.
+pub fn select_top_k(logits: &[f32], n: usize, e: usize, k: usize) -> Selection {
+    let mut experts = Vec::with_capacity(n * k);
+    let mut weights = Vec::with_capacity(n * k);
+    let mut top: Vec<usize> = Vec::with_capacity(k + 1);
+    for t in 0..n {
+        let row = &logits[t * e..(t + 1) * e];
+        top.clear();
+        for i in 0..e {
+            // Most experts lose to the current k-th: one plain comparison.
+            if top.len() == k && (row[i] < row[top[k - 1]] || !better(row, i, top[k - 1])) {
+                continue;
+            }
+            // Insertion into a short sorted list: k is small.
+            let pos = top
+                .iter()
+                .position(|&j| better(row, i, j))
+                .unwrap_or(top.len());
+            top.insert(pos, i);
+            top.truncate(k);
+        }
+        let max = row[top[0]];
+        let mut sum = 0.0f32;
+        let start = weights.len();
+        for &i in &top {
+            let w = (row[i] - max).exp();
+            sum += w;
+            experts.push(i as u32);
+            weights.push(w);
+        }
+        weights[start..].iter_mut().for_each(|w| *w /= sum);
+    }
+    Selection {
+        k,
+        experts,
+        weights,
+    }
+}
+
+/// Token lists per expert: `tokens[offsets[e]..offsets[e + 1]]` were routed
+/// to expert `e` with `weights[..]` (counting sort, O(n k + E)).
+struct Groups {
+    offsets: Vec<usize>,
+    tokens: Vec<u32>,
+    weights: Vec<f32>,
+}
+
+fn group_by_expert(sel: &Selection, n_experts: usize) -> Groups {
+    group_range(sel, n_experts, 0, sel.experts.len() / sel.k.max(1))
+}
+
+/// [`group_by_expert`] for tokens `t0..t1` only; token ids stay global.
+fn group_range(sel: &Selection, n_experts: usize, t0: usize, t1: usize) -> Groups {
+    let (experts, ws) = (
+        &sel.experts[t0 * sel.k..t1 * sel.k],
+        &sel.weights[t0 * sel.k..t1 * sel.k],
+    );
+    let mut offsets = vec![0usize; n_experts + 1];
+    for &e in experts {
+        offsets[e as usize + 1] += 1;
+    }
+    for e in 0..n_experts {
+        offsets[e + 1] += offsets[e];
+    }
+    let mut fill = offsets.clone();
+    let mut tokens = vec![0u32; experts.len()];
+    let mut weights = vec![0f32; experts.len()];
+    for (slot, (&e, &w)) in experts.iter().zip(ws).enumerate() {
+        let p = &mut fill[e as usize];
+        tokens[*p] = (t0 + slot / sel.k) as u32;
+        weights[*p] = w;
+        *p += 1;
+    }
+    Groups {
+        offsets,
+        tokens,
+        weights,
+    }
+}
+
+/// What the router chose in one call of one layer.
+#[derive(Debug)]
+pub struct RouteDecision<'a> {
+    /// Module name, e.g. `model.layers.0.self_attn.q_proj`.
+    pub layer: &'a str,
+    /// Expert names; `selection.experts` indexes them.
+    pub names: &'a [String],
+    pub b_sz: usize,
+    pub seq_len: usize,
+    /// Row `b * seq_len + s` of the selection is batch row `b`, position `s`.
+    pub selection: &'a Selection,
+}
+
+/// Receives every routing decision (for `--explain`).
+pub trait RouteObserver: Send + Sync + std::fmt::Debug {
+    fn on_route(&self, decision: &RouteDecision<'_>);
+}
+
+/// How often each expert was chosen: shared by every routed layer of a
+/// model, so an evaluation can report expert usage over a data set.
+#[derive(Debug)]
+pub struct Usage {
+    names: Vec<String>,
+    counts: Mutex<UsageCounts>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct UsageCounts {
+    chosen: Vec<u64>,
+    weight: Vec<f64>,
+    decisions: u64,
+}
+
+/// A snapshot of [`Usage`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct UsageReport {
+    /// (token, layer) routing decisions counted.
+    pub decisions: u64,
+    pub experts: Vec<ExpertUsage>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ExpertUsage {
+    pub name: String,
+    /// Decisions in which the expert was among the top-k.
+    pub chosen: u64,
+    /// `chosen / decisions`.
+    pub share: f64,
+    /// Mean routing weight over all decisions (the weights of one
+    /// decision sum to 1, so these sum to 1 over the experts).
+    pub mean_weight: f64,
+}
+
+impl Usage {
+    pub fn new(names: Vec<String>) -> Self {
+        let n = names.len();
+        Self {
+            names,
+            counts: Mutex::new(UsageCounts {
+                chosen: vec![0; n],
+                weight: vec![0.0; n],
+                decisions: 0,
+            }),
+        }
+    }
+
+    fn record(&self, sel: &Selection) {
+        let mut c = self.counts.lock().expect("usage counter");
+        for (&e, &w) in sel.experts.iter().zip(&sel.weights) {
+            c.chosen[e as usize] += 1;
+            c.weight[e as usize] += w as f64;
+        }
+        c.decisions += (sel.experts.len() / sel.k.max(1)) as u64;
+    }
+
+    pub fn reset(&self) {
+        let mut c = self.counts.lock().expect("usage counter");
+        c.chosen.iter_mut().for_each(|v| *v = 0);
+        c.weight.iter_mut().for_each(|v| *v = 0.0);
+        c.decisions = 0;
+    }
+
+    pub fn report(&self) -> UsageReport {
+        let c = self.counts.lock().expect("usage counter").clone();
+        let d = c.decisions.max(1) as f64;
+        UsageReport {
+            decisions: c.decisions,
+            experts: self
+                .names
+                .iter()
+                .enumerate()
+                .map(|(i, name)| ExpertUsage {
+                    name: name.clone(),
+                    chosen: c.chosen[i],
+                    share: c.chosen[i] as f64 / d,
+                    mean_weight: c.weight[i] / d,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl UsageReport {
+    /// A human-readable table, most used expert first.
+    pub fn summary(&self) -> String {
+        let mut rows: Vec<&ExpertUsage> = self.experts.iter().collect();
+        rows.sort_by(|a, b| b.chosen.cmp(&a.chosen).then(a.name.cmp(&b.name)));
+        let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(6).max(6);
+        let mut s = format!(
+            "expert usage over {} (token, layer) routing decisions:\n{:<width$}  {:>10}  {:>7}  {:>11}\n",
+            self.decisions, "expert", "chosen", "share", "mean weight"
+        );
+        for r in rows {
+            s.push_str(&format!(
+                "{:<width$}  {:>10}  {:>6.1}%  {:>11.4}\n",
+                r.name,
+                r.chosen,
+                100.0 * r.share,
+                r.mean_weight
+            ));
+        }
+        s
+    }
+}
+
+/// One expert's factors on one layer, f32 and contiguous, for the CPU loop.
+#[derive(Debug)]
+struct CpuFactors {
+    /// `E * r * in`: `A_e` row-major.
+    a: Vec<f32>,
+    /// `E * r * out`: `B_e^T` row-major, so applying `B` is `r` axpys.
+    bt: Vec<f32>,
+}
+
+/// A LoRA layer that routes every token between a library's experts.
+///
+/// # Shapes
+/// * `a`: `E` tensors `(r, in)`; `b`: `E` tensors `(out, r)`.
+#[derive(Debug)]
+pub struct RoutedLora {
+    layer: String,
+    names: Arc<Vec<String>>,
+    selector: Selector,
+    a: Vec<Tensor>,
+    b: Vec<Tensor>,
+    scales: Vec<f32>,
+    r: usize,
+    inp: usize,
+    out: usize,
+    cpu: Option<CpuFactors>,
+    mix: MixMode,
+    path: RoutePath,
+    usage: Option<Arc<Usage>>,
+    observer: Option<Arc<dyn RouteObserver>>,
+}
+
+/// The per-expert factors of one layer: `(A (r, in), B (out, r), scale)`.
+pub type LayerFactors = Vec<(Tensor, Tensor, f64)>;
+
+impl RoutedLora {
+    pub fn new(
+        layer: impl Into<String>,
+        names: Arc<Vec<String>>,
+        factors: LayerFactors,
+        selector: Selector,
+        mix: MixMode,
+        path: RoutePath,
+        device: &Device,
+    ) -> Result<Self> {
+        let layer = layer.into();
+        if factors.len() != names.len() || factors.len() != selector.n_experts() {
+            return Err(Error::InvalidArgument(format!(
+                "layer `{layer}`: {} experts' factors, {} names and {} prototypes",
+                factors.len(),
+                names.len(),
+                selector.n_experts()
+            )));
+        }
+        let (r, inp) = factors[0].0.dims2()?;
+        let (out, _) = factors[0].1.dims2()?;
+        let mut a = Vec::with_capacity(factors.len());
+        let mut b = Vec::with_capacity(factors.len());
+        let mut scales = Vec::with_capacity(factors.len());
+        for (i, (ta, tb, s)) in factors.into_iter().enumerate() {
+            if ta.dims() != [r, inp] || tb.dims() != [out, r] {
+                return Err(Error::InvalidArgument(format!(
+                    "layer `{layer}`: expert `{}` has A {:?} and B {:?}, but expert `{}` has A [{r}, {inp}] and B [{out}, {r}]",
+                    names[i],
+                    ta.dims(),
+                    tb.dims(),
+                    names[0]
+                )));
+            }
+            a.push(ta.to_dtype(DType::F32)?.to_device(device)?.contiguous()?);
+            b.push(tb.to_dtype(DType::F32)?.to_device(device)?.contiguous()?);
+            scales.push(s as f32);
+        }
+        let cpu = if device.is_cpu() {
+            let mut fa = Vec::with_capacity(a.len() * r * inp);
+            let mut fbt = Vec::with_capacity(a.len() * r * out);
+            for (ta, tb) in a.iter().zip(&b) {
+                fa.extend(ta.flatten_all()?.to_vec1::<f32>()?);
+                fbt.extend(tb.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?);
+            }
+            Some(CpuFactors { a: fa, bt: fbt })
+        } else {
+            None
+        };
+        Ok(Self {
+            layer,
+            names,
+            selector,
+            a,
+            b,
+            scales,
+            r,
+            inp,
+            out,
+            cpu,
+            mix,
+            path,
+            usage: None,
+            observer: None,
+        })
+    }
+
+    pub fn with_usage(mut self, usage: Arc<Usage>) -> Self {
+        self.usage = Some(usage);
+        self
+    }
+
+    pub fn with_observer(mut self, observer: Option<Arc<dyn RouteObserver>>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    pub fn layer(&self) -> &str {
+        &self.layer
+    }
+
+    fn n_experts(&self) -> usize {
+        self.a.len()
+    }
+
+    /// Every expert on every token, PEFT's dense weights.
+    fn reference(&self, x2: &Tensor, logits: &[f32]) -> candle_core::Result<Tensor> {
+        let (n, e, k) = (x2.dims()[0], self.n_experts(), self.selector.top_k);
+        let mut masked = vec![f32::NEG_INFINITY; n * e];
+        for t in 0..n {
+            let row = &logits[t * e..(t + 1) * e];
+            let mut order: Vec<usize> = (0..e).collect();
+            order.sort_by(|&i, &j| row[j].total_cmp(&row[i]).then(i.cmp(&j)));
+            for &i in &order[..k] {
+                masked[t * e + i] = row[i];
+            }
+        }
+        let w = Tensor::from_vec(masked, (n, e), x2.device())?;
+        let w = candle_nn::ops::softmax_last_dim(&w)?;
+        let x = x2.to_dtype(DType::F32)?;
+        let col = |i: usize| w.narrow(1, i, 1);
+        let mut out = Tensor::zeros((n, self.out), DType::F32, x2.device())?;
+        match self.mix {
+            MixMode::Output => {
+                for i in 0..e {
+                    let y = (matmul_t(&matmul_t(&x, &self.a[i])?, &self.b[i])?
+                        * self.scales[i] as f64)?;
+                    out = (out + y.broadcast_mul(&col(i)?)?)?;
+                }
+            }
+            MixMode::Factor => {
+                let mut z = Tensor::zeros((n, self.r), DType::F32, x2.device())?;
+                for i in 0..e {
+                    z = (z + matmul_t(&x, &self.a[i])?.broadcast_mul(&col(i)?)?)?;
+                }
+                for i in 0..e {
+                    let y = (matmul_t(&z, &self.b[i])? * self.scales[i] as f64)?;
+                    out = (out + y.broadcast_mul(&col(i)?)?)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Route first, then one gather / matmul pair / scatter-add per expert.
+    fn grouped(&self, x2: &Tensor, sel: &Selection) -> candle_core::Result<Tensor> {
+        let n = x2.dims()[0];
+        let dev = x2.device();
+        let g = group_by_expert(sel, self.n_experts());
+        let x = x2.to_dtype(DType::F32)?;
+        let mut out = Tensor::zeros((n, self.out), DType::F32, dev)?;
+        let chunk = |i: usize, scale: f32| -> candle_core::Result<Option<(Tensor, Tensor)>> {
+            let (lo, hi) = (g.offsets[i], g.offsets[i + 1]);
+            if lo == hi {
+                return Ok(None);
+            }
+            let idx = Tensor::from_slice(&g.tokens[lo..hi], hi - lo, dev)?;
+            let w: Vec<f32> = g.weights[lo..hi].iter().map(|w| w * scale).collect();
+            let w = Tensor::from_vec(w, (hi - lo, 1), dev)?;
+            Ok(Some((idx, w)))
+        };
+        match self.mix {
+            MixMode::Output => {
+                for i in 0..self.n_experts() {
+                    let Some((idx, w)) = chunk(i, self.scales[i])? else {
+                        continue;
+                    };
+                    let xe = x.index_select(&idx, 0)?;
+                    let y = matmul_t(&matmul_t(&xe, &self.a[i])?, &self.b[i])?.broadcast_mul(&w)?;
+                    out = out.index_add(&idx, &y, 0)?;
+                }
+            }
+            MixMode::Factor => {
+                let mut z = Tensor::zeros((n, self.r), DType::F32, dev)?;
+                for i in 0..self.n_experts() {
+                    let Some((idx, w)) = chunk(i, 1.0)? else {
+                        continue;
+                    };
+                    let ze = matmul_t(&x.index_select(&idx, 0)?, &self.a[i])?.broadcast_mul(&w)?;
+                    z = z.index_add(&idx, &ze, 0)?;
+                }
+                for i in 0..self.n_experts() {
+                    let Some((idx, w)) = chunk(i, self.scales[i])? else {
+                        continue;
+                    };
+                    let y = matmul_t(&z.index_select(&idx, 0)?, &self.b[i])?.broadcast_mul(&w)?;
+                    out = out.index_add(&idx, &y, 0)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`RoutedLora::grouped`] as plain loops over f32 slices (CPU only).
+    /// Tokens are split into contiguous ranges, one per thread of candle's
+    /// pool, and each range is processed expert by expert.
+    fn cpu_loop(&self, x2: &Tensor, sel: &Selection) -> candle_core::Result<Tensor> {
+        let (n, out) = (x2.dims()[0], self.out);
+        let x = x2.to_dtype(DType::F32)?.contiguous()?;
+        let mut y = vec![0f32; n * out];
+        {
+            let (storage, layout) = x.storage_and_layout();
+            let data: &[f32] = match &*storage {
+                candle_core::Storage::Cpu(c) => {
+                    let s = c.as_slice::<f32>()?;
+                    let (lo, hi) = layout
+                        .contiguous_offsets()
+                        .ok_or_else(|| candle_core::Error::Msg("non-contiguous input".into()))?;
+                    &s[lo..hi]
+                }
+                _ => candle_core::bail!("the CPU routing loop got a tensor on another device"),
+            };
+            // candle's own worker threads (already running, so nothing is
+            // spawned per call); threads only pay off with enough work each.
+            let pool = candle_core::utils::barrier_pool();
+            let threads = (pool.n_workers() + 1).min(n * sel.k / 256).max(1);
+            if threads == 1 {
+                self.cpu_range(data, sel, 0, n, &mut y);
+            } else {
+                let per = n.div_ceil(threads);
+                let chunks: Vec<Mutex<&mut [f32]>> =
+                    y.chunks_mut(per * out).map(Mutex::new).collect();
+                pool.execute(|tid| {
+                    if let Some(chunk) = chunks.get(tid) {
+                        let t0 = tid * per;
+                        let t1 = (t0 + per).min(n);
+                        let mut chunk = chunk.lock().expect("one thread per chunk");
+                        self.cpu_range(data, sel, t0, t1, &mut chunk);
+                    }
+                });
+            }
+        }
+        Tensor::from_vec(y, (n, out), &Device::Cpu)
+    }
+
+    /// Tokens `t0..t1` of [`RoutedLora::cpu_loop`]; `y` holds their outputs.
+    fn cpu_range(&self, data: &[f32], sel: &Selection, t0: usize, t1: usize, y: &mut [f32]) {
+        // The default x86-64 target has 4-lane SSE only; the same loops
+        // compiled for AVX2 run about twice as fast.
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            unsafe { self.cpu_range_avx2(data, sel, t0, t1, y) };
+            return;
+        }
+        self.cpu_range_body(data, sel, t0, t1, y)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn cpu_range_avx2(&self, data: &[f32], sel: &Selection, t0: usize, t1: usize, y: &mut [f32]) {
+        self.cpu_range_body(data, sel, t0, t1, y)
+    }
+
+    #[inline(always)]
+    fn cpu_range_body(&self, data: &[f32], sel: &Selection, t0: usize, t1: usize, y: &mut [f32]) {
+        let f = self.cpu.as_ref().expect("CPU factors on a CPU layer");
+        let (r, inp, out) = (self.r, self.inp, self.out);
+        let g = group_range(sel, self.n_experts(), t0, t1);
+        let a_of = |e: usize| &f.a[e * r * inp..(e + 1) * r * inp];
+        let bt_of = |e: usize| &f.bt[e * r * out..(e + 1) * r * out];
+        match self.mix {
+            MixMode::Output => {
+                let mut z = vec![0f32; r];
+                for e in 0..self.n_experts() {
+                    let (a_e, bt_e) = (a_of(e), bt_of(e));
+                    for p in g.offsets[e]..g.offsets[e + 1] {
+                        let t = g.tokens[p] as usize;
+                        let xt = &data[t * inp..(t + 1) * inp];
+                        let c = g.weights[p] * self.scales[e];
+                        project(a_e, inp, xt, &mut z);
+                        z.iter_mut().for_each(|v| *v *= c);
+                        lift(&z, bt_e, out, &mut y[(t - t0) * out..(t - t0 + 1) * out]);
+                    }
+                }
+            }
+            MixMode::Factor => {
+                // z_t = sum_e w_e A_e x_t first, then y_t = sum_e w_e s_e B_e z_t.
+                let mut zs = vec![0f32; (t1 - t0) * r];
+                let mut z = vec![0f32; r];
+                for e in 0..self.n_experts() {
+                    let a_e = a_of(e);
+                    for p in g.offsets[e]..g.offsets[e + 1] {
+                        let t = g.tokens[p] as usize;
+                        project(a_e, inp, &data[t * inp..(t + 1) * inp], &mut z);
+                        let w = g.weights[p];
+                        let zt = &mut zs[(t - t0) * r..(t - t0 + 1) * r];
+                        zt.iter_mut().zip(&z).for_each(|(a, b)| *a += w * b);
+                    }
+                }
+                for e in 0..self.n_experts() {
+                    let bt_e = bt_of(e);
+                    for p in g.offsets[e]..g.offsets[e + 1] {
+                        let t = g.tokens[p] as usize;
+                        let c = g.weights[p] * self.scales[e];
+                        z.iter_mut()
+                            .zip(&zs[(t - t0) * r..(t - t0 + 1) * r])
+                            .for_each(|(a, b)| *a = c * b);
+                        lift(&z, bt_e, out, &mut y[(t - t0) * out..(t - t0 + 1) * out]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `z = A x` for `A` (`r x inp`, row-major): four rows per pass over `x`,
+/// each with eight independent partial sums, so the loop vectorises
+/// without reassociating a single sum.
+#[inline(always)]
+fn project(a: &[f32], inp: usize, x: &[f32], z: &mut [f32]) {
+    let r = z.len();
+    let mut j = 0;
+    while j + 4 <= r {
+        let rows = [
+            &a[j * inp..(j + 1) * inp],
+            &a[(j + 1) * inp..(j + 2) * inp],
+            &a[(j + 2) * inp..(j + 3) * inp],
+            &a[(j + 3) * inp..(j + 4) * inp],
+        ];
+        let (mut c0, mut c1, mut c2, mut c3) = ([0f32; 8], [0f32; 8], [0f32; 8], [0f32; 8]);
+        let n8 = inp / 8 * 8;
+        for i in (0..n8).step_by(8) {
+            let xs: &[f32; 8] = x[i..i + 8].try_into().expect("8 values");
+            let r0: &[f32; 8] = rows[0][i..i + 8].try_into().expect("8 values");
+            let r1: &[f32; 8] = rows[1][i..i + 8].try_into().expect("8 values");
+            let r2: &[f32; 8] = rows[2][i..i + 8].try_into().expect("8 values");
+            let r3: &[f32; 8] = rows[3][i..i + 8].try_into().expect("8 values");
+            for l in 0..8 {
+                c0[l] += r0[l] * xs[l];
+            }
+            for l in 0..8 {
+                c1[l] += r1[l] * xs[l];
+            }
+            for l in 0..8 {
+                c2[l] += r2[l] * xs[l];
+            }
+            for l in 0..8 {
+                c3[l] += r3[l] * xs[l];
+            }
+        }
+        for (q, (acc, row)) in [c0, c1, c2, c3].iter().zip(&rows).enumerate() {
+            let tail: f32 = row[n8..].iter().zip(&x[n8..]).map(|(a, b)| a * b).sum();
+            z[j + q] = hsum8(acc) + tail;
+        }
+        j += 4;
+    }
+    for (q, zq) in z.iter_mut().enumerate().skip(j) {
+        *zq = dot(&a[q * inp..(q + 1) * inp], x);
+    }
+}
+
+/// Sum of eight lanes, pairwise.
+#[inline(always)]
+fn hsum8(v: &[f32; 8]) -> f32 {
+    ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]))
+}
+
+/// `y += B z` with `B^T` (`r x out`, row-major): one pass over `y` per
+/// four rows.
+#[inline(always)]
+fn lift(z: &[f32], bt: &[f32], out: usize, y: &mut [f32]) {
+    let r = z.len();
+    let mut j = 0;
+    while j + 4 <= r {
+        let (b0, b1, b2, b3) = (
+            &bt[j * out..(j + 1) * out],
+            &bt[(j + 1) * out..(j + 2) * out],
+            &bt[(j + 2) * out..(j + 3) * out],
+            &bt[(j + 3) * out..(j + 4) * out],
+        );
+        let (z0, z1, z2, z3) = (z[j], z[j + 1], z[j + 2], z[j + 3]);
+        for ((((yi, p0), p1), p2), p3) in y.iter_mut().zip(b0).zip(b1).zip(b2).zip(b3) {
+            *yi += z0 * p0 + z1 * p1 + z2 * p2 + z3 * p3;
+        }
+        j += 4;
+    }
+    for (q, &zq) in z.iter().enumerate().skip(j) {
+        axpy(zq, &bt[q * out..(q + 1) * out], y);
+    }
+}
+
+/// Dot product with eight independent accumulators, so the compiler can
+/// vectorise it without reassociating a single sum.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// `y += c * x`.
+#[inline(always)]
+fn axpy(c: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += c * xi;
+    }
+}
+
+impl LinearAdapter for RoutedLora {
+    fn delta(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = xs.dims().to_vec();
+        let inp = *dims.last().expect("rank >= 1");
+        let n = xs.elem_count() / inp.max(1);
+        let x2 = xs.reshape((n, inp))?;
+        let logits = self.selector.logits(&x2)?;
+        let sel = select_top_k(&logits, n, self.n_experts(), self.selector.top_k);
+        if let Some(u) = &self.usage {
+            u.record(&sel);
+        }
+        if let Some(obs) = &self.observer {
+            let (b_sz, seq_len) = match dims.len() {
+                3 => (dims[0], dims[1]),
+                _ => (1, n),
+            };
+            obs.on_route(&RouteDecision {
+                layer: &self.layer,
+                names: &self.names,
+                b_sz,
+                seq_len,
+                selection: &sel,
+            });
+        }
+        let y = match self.path {
+            RoutePath::Reference => self.reference(&x2, &logits)?,
+            RoutePath::Grouped => self.grouped(&x2, &sel)?,
+            RoutePath::Fast if self.cpu.is_some() && xs.device().is_cpu() => {
+                self.cpu_loop(&x2, &sel)?
+            }
+            RoutePath::Fast => self.grouped(&x2, &sel)?,
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("rank >= 1") = self.out;
+        y.reshape(out_dims)?.to_dtype(xs.dtype())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_is_sorted_and_softmaxed_with_stable_ties() {
+        let l = [0.5f32, 2.0, 2.0, -1.0, 1.0, 3.0];
+        let s = select_top_k(&l, 2, 3, 2);
+        assert_eq!(s.experts, vec![1, 2, 2, 1]);
+        // Row 0 ties (2, 2): both kept, lower index first, equal weights.
+        assert!((s.weights[0] - 0.5).abs() < 1e-6 && (s.weights[1] - 0.5).abs() < 1e-6);
+        // Row 1 keeps logits 3 and 1: softmax gives e^2 / (e^2 + 1).
+        let e2 = 2.0f32.exp();
+        assert!(
+            (s.weights[2] - e2 / (e2 + 1.0)).abs() < 1e-6,
+            "{:?}",
+            s.weights
+        );
+        let all = select_top_k(&l[..3], 1, 3, 3);
+        assert_eq!(all.experts, vec![1, 2, 0]);
+        assert!((all.weights.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn groups_invert_the_selection() {
+        let s = Selection {
+            k: 2,
+            experts: vec![2, 0, 2, 1, 0, 2],
+            weights: vec![0.6, 0.4, 0.7, 0.3, 0.9, 0.1],
+        };
+        let g = group_by_expert(&s, 3);
+        assert_eq!(g.offsets, vec![0, 2, 3, 6]);
+        assert_eq!(g.tokens, vec![0, 2, 1, 0, 1, 2]);
+        assert_eq!(g.weights, vec![0.4, 0.9, 0.3, 0.6, 0.7, 0.1]);
+    }
+
+    #[test]
+    fn dot_and_axpy_match_naive_loops() {
+        let a: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..37).map(|i| (i as f32 * 0.11).cos()).collect();
+        let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!((dot(&a, &b) - naive).abs() < 1e-5);
+        let mut y = b.clone();
+        axpy(2.0, &a, &mut y);
+        assert!((y[5] - (b[5] + 2.0 * a[5])).abs() < 1e-7);
+    }
+
+    #[test]
+    fn project_and_lift_match_naive_loops_for_any_rank() {
+        for (r, inp, out) in [(1, 5, 3), (3, 17, 9), (4, 576, 192), (5, 33, 40), (9, 8, 7)] {
+            let a: Vec<f32> = (0..r * inp).map(|i| (i as f32 * 0.7).sin()).collect();
+            let x: Vec<f32> = (0..inp).map(|i| (i as f32 * 0.3).cos()).collect();
+            let bt: Vec<f32> = (0..r * out).map(|i| (i as f32 * 0.2).sin()).collect();
+            let mut z = vec![0f32; r];
+            project(&a, inp, &x, &mut z);
+            for j in 0..r {
+                let want: f32 = (0..inp).map(|i| a[j * inp + i] * x[i]).sum();
+                assert!((z[j] - want).abs() < 1e-3, "r={r} j={j}");
+            }
+            let mut y: Vec<f32> = (0..out).map(|i| i as f32).collect();
+            lift(&z, &bt, out, &mut y);
+            for o in 0..out {
+                let want = o as f32 + (0..r).map(|j| z[j] * bt[j * out + o]).sum::<f32>();
+                assert!((y[o] - want).abs() < 1e-3, "r={r} o={o}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_top_k_and_temperature_are_one_sentence() {
+        let e = check_top_k(0, 4).unwrap_err().to_string();
+        assert!(e.contains("between 1 and") && e.contains("(4)"), "{e}");
+        assert!(check_top_k(5, 4).is_err());
+        assert!(check_top_k(4, 4).is_ok());
+        assert!(check_temperature(0.0).is_err());
+        assert!(check_temperature(f64::NAN).is_err());
+    }
+
+    #[test]
+    fn usage_counts_decisions_and_weights() {
+        let u = Usage::new(vec!["a".into(), "b".into(), "c".into()]);
+        u.record(&select_top_k(&[1.0, 0.0, 2.0, 0.0, 3.0, 1.0], 2, 3, 2));
+        let r = u.report();
+        assert_eq!(r.decisions, 2);
+        assert_eq!(r.experts[0].chosen, 1);
+        assert_eq!(r.experts[1].chosen, 1);
+        assert_eq!(r.experts[2].chosen, 2);
+        let total: f64 = r.experts.iter().map(|e| e.mean_weight).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        assert!(r.summary().contains("over 2 (token, layer)"));
+        u.reset();
+        assert_eq!(u.report().decisions, 0);
+    }
+}

@@ -1,0 +1,624 @@
+//! Model-based clustering (MBC) of a library of experts, steps 2 to 6 of
+//! METHOD.md section 1, and the random-clusters baseline of the same
+//! section. Step 7 (training one expert per cluster) is the trainer's job.
+//!
+//! Pipeline ([`cluster`]): flatten every expert's A and B (modules in sorted
+//! order) -> zero the entries at or below each vector's own q-quantile of
+//! |values| -> truncated SVD to `n_components` -> L2-normalise the rows ->
+//! cosine similarity `S` -> k-means (k-means++, restarts) on the rows of
+//! `S`. Experts are put in name order first, so the partition does not
+//! depend on the order the caller passes them in.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use faer::Mat;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::expert::Expert;
+
+use super::kmeans::kmeans;
+use super::svd::{sparsify, truncated_svd_embed};
+
+/// How tasks are grouped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterMethod {
+    /// Model-based clustering on the experts' weights.
+    Mbc,
+    /// k random groups of near-equal size.
+    Random,
+}
+
+impl std::fmt::Display for ClusterMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ClusterMethod::Mbc => "mbc",
+            ClusterMethod::Random => "random",
+        })
+    }
+}
+
+impl std::str::FromStr for ClusterMethod {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "mbc" => Ok(ClusterMethod::Mbc),
+            "random" => Ok(ClusterMethod::Random),
+            _ => Err(Error::invalid(format!(
+                "unknown clustering method `{s}` (expected mbc or random)"
+            ))),
+        }
+    }
+}
+
+/// Everything that determines a clustering besides the experts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterConfig {
+    pub method: ClusterMethod,
+    /// Number of clusters (the paper: 10).
+    pub k: usize,
+    /// Seeds the randomized SVD, k-means++ and the random split.
+    pub seed: u64,
+    /// q of MBC step 3: the fraction of each expert's entries zeroed
+    /// (mttl's script: 0.5).
+    pub sparsity: f64,
+    /// Components of the truncated SVD (the paper: 64; fewer when there are
+    /// fewer experts).
+    pub n_components: usize,
+    /// k-means restarts (the paper: 10).
+    pub restarts: usize,
+}
+
+impl ClusterConfig {
+    /// The paper's settings for `method` and `k`, seed 42.
+    pub fn new(method: ClusterMethod, k: usize) -> Self {
+        Self {
+            method,
+            k,
+            seed: 42,
+            sparsity: 0.5,
+            n_components: 64,
+            restarts: 10,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.k == 0 {
+            return Err(Error::invalid(
+                "the number of clusters k must be at least 1",
+            ));
+        }
+        if !(0.0..1.0).contains(&self.sparsity) {
+            return Err(Error::invalid(format!(
+                "sparsity {} is out of range: it is the fraction of weights zeroed, in [0, 1)",
+                self.sparsity
+            )));
+        }
+        if self.n_components == 0 {
+            return Err(Error::invalid("the SVD needs at least 1 component"));
+        }
+        if self.restarts == 0 {
+            return Err(Error::invalid("k-means needs at least 1 restart"));
+        }
+        Ok(())
+    }
+
+    /// A short hash of the configuration, the key of the clustering's
+    /// auxiliary file in the library (mttl's `param_hash`).
+    pub fn hash(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let json = serde_json::to_string(self).expect("config serialises");
+        let digest = Sha256::digest(json.as_bytes());
+        format!("{digest:x}")[..16].to_string()
+    }
+}
+
+/// A partition of a library's experts into named clusters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Clustering {
+    pub config: ClusterConfig,
+    /// Every clustered expert, in name order (the order of `similarity`).
+    pub experts: Vec<String>,
+    /// Cluster name -> the tasks of its experts (sorted, deduplicated): what
+    /// MBC step 7 trains one expert on.
+    pub clusters: BTreeMap<String, Vec<String>>,
+    /// Cluster name -> its experts (in name order).
+    pub members: BTreeMap<String, Vec<String>>,
+    /// k-means inertia of the chosen restart (MBC only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inertia: Option<f64>,
+    /// The cosine similarity matrix `S` of MBC step 5, rows and columns in
+    /// `experts` order (MBC only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub similarity: Option<Vec<Vec<f32>>>,
+}
+
+/// Mean similarity of pairs of distinct experts in one cluster and in
+/// different clusters; a good clustering has `within` well above `between`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ClusterQuality {
+    /// `None` when every cluster has a single expert.
+    pub within: Option<f64>,
+    /// `None` when there is a single cluster.
+    pub between: Option<f64>,
+}
+
+/// Names of `k` clusters, zero-padded so that name order is numeric order.
+pub fn cluster_names(k: usize) -> Vec<String> {
+    let width = (k.max(2) - 1).to_string().len();
+    (0..k).map(|i| format!("cluster_{i:0width$}")).collect()
+}
+
+/// The tasks an expert covers: its recorded tasks, else its name.
+pub fn expert_tasks(e: &Expert) -> Vec<String> {
+    match &e.info {
+        Some(info) if !info.tasks.is_empty() => info.tasks.clone(),
+        _ => vec![e.name.clone()],
+    }
+}
+
+impl Clustering {
+    /// Cluster index of each expert of `experts`, indices in name order of
+    /// the clusters.
+    pub fn labels(&self) -> Vec<usize> {
+        let index: BTreeMap<&str, usize> = self
+            .members
+            .values()
+            .enumerate()
+            .flat_map(|(c, ms)| ms.iter().map(move |m| (m.as_str(), c)))
+            .collect();
+        self.experts
+            .iter()
+            .map(|e| *index.get(e.as_str()).expect("every expert is in a cluster"))
+            .collect()
+    }
+
+    /// Within- and between-cluster mean similarity under `s` (in `experts`
+    /// order; by default this clustering's own `similarity`).
+    pub fn quality(&self, s: Option<&[Vec<f32>]>) -> Option<ClusterQuality> {
+        let s = s.or(self.similarity.as_deref())?;
+        Some(cluster_quality(&self.labels(), s))
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self).expect("clustering serialises");
+        write_atomic(path, text.as_bytes())
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str(&text).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            source: e,
+        })
+    }
+
+    /// Where [`Clustering::store_in_library`] puts a clustering with `cfg`.
+    pub fn library_path(library: &Path, cfg: &ClusterConfig) -> PathBuf {
+        aux_path(library, &format!("clusters-{}.json", cfg.hash()))
+    }
+
+    /// Stores the clustering as auxiliary data of the library, keyed by the
+    /// hash of its configuration (replacing an earlier one).
+    pub fn store_in_library(&self, library: &Path) -> Result<PathBuf> {
+        let path = Self::library_path(library, &self.config);
+        let text = serde_json::to_string_pretty(self).expect("clustering serialises");
+        write_atomic(&path, text.as_bytes())?;
+        Ok(path)
+    }
+
+    /// The clustering stored with `cfg`, if any.
+    pub fn load_from_library(library: &Path, cfg: &ClusterConfig) -> Result<Option<Self>> {
+        let path = Self::library_path(library, cfg);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        Self::load(&path).map(Some)
+    }
+}
+
+/// The one place that decides where auxiliary data lives in a library
+/// directory (`LIB/.aux/NAME`); `ExpertLibrary` will take this over.
+fn aux_path(library: &Path, name: &str) -> PathBuf {
+    library.join(".aux").join(name)
+}
+
+/// Writes `bytes` to `path` through a temporary sibling and one rename, so
+/// readers never see half a file.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    tmp.write_all(bytes).map_err(|e| Error::io(tmp.path(), e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+/// Loads every expert of a library directory (one sub-directory per
+/// expert; entries starting with `.` are skipped), in name order, as f32 on
+/// the CPU.
+pub fn load_library_experts(library: &Path) -> Result<Vec<Expert>> {
+    let dirs = library_expert_dirs(library)?;
+    dirs.iter()
+        .map(|d| Expert::load(d, &Device::Cpu, DType::F32))
+        .collect()
+}
+
+/// The expert directories of a library, in name order; an error when there
+/// are none.
+pub fn library_expert_dirs(library: &Path) -> Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(library).map_err(|e| Error::io(library, e))?;
+    let mut dirs = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(library, e))?;
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with('.') || !entry.path().is_dir() {
+            continue;
+        }
+        dirs.push(entry.path());
+    }
+    if dirs.is_empty() {
+        return Err(Error::invalid(format!(
+            "library {} has no experts (expected one sub-directory per expert)",
+            library.display()
+        )));
+    }
+    dirs.sort();
+    Ok(dirs)
+}
+
+/// Checks that the experts can be compared weight by weight: at least one,
+/// unique names, one LoRA rank, one base model, the same modules with the
+/// same shapes.
+pub fn check_compatible(experts: &[Expert]) -> Result<()> {
+    let Some(first) = experts.first() else {
+        return Err(Error::invalid(
+            "there are no experts to cluster (the library is empty)",
+        ));
+    };
+    let mut names = BTreeSet::new();
+    for e in experts {
+        if !names.insert(e.name.as_str()) {
+            return Err(Error::invalid(format!(
+                "two experts are named `{}`; expert names must be unique",
+                e.name
+            )));
+        }
+    }
+    for e in &experts[1..] {
+        if e.config.rank != first.config.rank {
+            return Err(Error::invalid(format!(
+                "experts have different LoRA ranks (`{}`: r = {}, `{}`: r = {}); cluster experts of one rank",
+                first.name, first.config.rank, e.name, e.config.rank
+            )));
+        }
+    }
+    let with_info: Vec<&Expert> = experts.iter().filter(|e| e.info.is_some()).collect();
+    if let Some(a) = with_info.first() {
+        let ba = &a.info.as_ref().expect("filtered").base_model;
+        for b in &with_info[1..] {
+            let bb = &b.info.as_ref().expect("filtered").base_model;
+            if bb.fingerprint != ba.fingerprint {
+                return Err(Error::invalid(format!(
+                    "experts were trained on different base models (`{}` on `{}`, fingerprint {}; `{}` on `{}`, fingerprint {}); cluster experts of one base model",
+                    a.name,
+                    ba.id,
+                    short(&ba.fingerprint),
+                    b.name,
+                    bb.id,
+                    short(&bb.fingerprint)
+                )));
+            }
+        }
+    }
+    for e in &experts[1..] {
+        if let Some(m) = first.weights.keys().find(|m| !e.weights.contains_key(*m)) {
+            return Err(Error::invalid(format!(
+                "experts adapt different modules (`{}` has `{m}`, `{}` does not)",
+                first.name, e.name
+            )));
+        }
+        if let Some(m) = e.weights.keys().find(|m| !first.weights.contains_key(*m)) {
+            return Err(Error::invalid(format!(
+                "experts adapt different modules (`{}` has `{m}`, `{}` does not)",
+                e.name, first.name
+            )));
+        }
+        for (m, (a, b)) in &e.weights {
+            let (a0, b0) = &first.weights[m];
+            if a.dims() != a0.dims() || b.dims() != b0.dims() {
+                return Err(Error::invalid(format!(
+                    "experts have different shapes for module `{m}` (`{}`: A {:?}, B {:?}; `{}`: A {:?}, B {:?})",
+                    first.name,
+                    a0.dims(),
+                    b0.dims(),
+                    e.name,
+                    a.dims(),
+                    b.dims()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn short(s: &str) -> &str {
+    &s[..s.len().min(12)]
+}
+
+/// MBC step 2: all A and B of an expert in one vector, modules in sorted
+/// order, each A then its B, row-major.
+pub fn flatten_expert(e: &Expert) -> Result<Vec<f32>> {
+    let mut out = Vec::new();
+    for (a, b) in e.weights.values() {
+        for t in [a, b] {
+            out.extend(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+    }
+    Ok(out)
+}
+
+/// MBC steps 2-4: one L2-normalised embedding per expert (in the order
+/// given) from the sparsified, flattened weights, by truncated SVD to
+/// `min(n_components, N)` components (randomized when N > n_components + 10,
+/// exact otherwise; see [`super::svd`]).
+///
+/// # Shapes
+/// * returns `N` rows of `min(n_components, N, D)` values.
+pub fn mbc_embed(
+    experts: &[Expert],
+    sparsity: f64,
+    n_components: usize,
+    seed: u64,
+) -> Result<Vec<Vec<f32>>> {
+    check_compatible(experts)?;
+    let n = experts.len();
+    let mut xt: Option<Mat<f32>> = None;
+    for (j, e) in experts.iter().enumerate() {
+        let mut v = flatten_expert(e)?;
+        sparsify(&mut v, sparsity);
+        if v.iter().all(|x| *x == 0.0) {
+            return Err(Error::invalid(format!(
+                "expert `{}` has only zero weights after sparsification, so it cannot be compared with the others",
+                e.name
+            )));
+        }
+        let xt = xt.get_or_insert_with(|| Mat::zeros(v.len(), n));
+        for (i, x) in v.into_iter().enumerate() {
+            xt[(i, j)] = x;
+        }
+    }
+    let xt = xt.expect("at least one expert");
+    let emb = truncated_svd_embed(xt.as_ref(), n_components, seed)?;
+    Ok((0..n)
+        .map(|i| {
+            let row: Vec<f64> = (0..emb.ncols()).map(|j| emb[(i, j)]).collect();
+            let norm = row
+                .iter()
+                .map(|x| x * x)
+                .sum::<f64>()
+                .sqrt()
+                .max(f64::MIN_POSITIVE);
+            row.into_iter().map(|x| (x / norm) as f32).collect()
+        })
+        .collect())
+}
+
+/// MBC step 5: cosine similarity of every pair of rows.
+///
+/// # Shapes
+/// * `rows`: `N` rows of equal length; returns `N x N`, symmetric.
+pub fn similarity_matrix(rows: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    let unit: Vec<Vec<f64>> = rows
+        .iter()
+        .map(|r| {
+            let norm = r.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+            r.iter()
+                .map(|&x| if norm > 0.0 { x as f64 / norm } else { 0.0 })
+                .collect()
+        })
+        .collect();
+    let n = rows.len();
+    let mut s = vec![vec![0.0f32; n]; n];
+    for i in 0..n {
+        for j in i..n {
+            let v: f64 = unit[i].iter().zip(&unit[j]).map(|(a, b)| a * b).sum();
+            s[i][j] = v as f32;
+            s[j][i] = v as f32;
+        }
+    }
+    s
+}
+
+/// k groups of near-equal size (sizes differ by at most one), from `seed`.
+pub fn random_partition(n: usize, k: usize, seed: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    let mut labels = vec![0; n];
+    for (pos, i) in order.into_iter().enumerate() {
+        labels[i] = pos % k.max(1);
+    }
+    labels
+}
+
+/// Relabels so that clusters are numbered by their first member.
+fn canonical_labels(labels: &[usize]) -> Vec<usize> {
+    let mut map = BTreeMap::new();
+    labels
+        .iter()
+        .map(|l| {
+            let next = map.len();
+            *map.entry(*l).or_insert(next)
+        })
+        .collect()
+}
+
+/// Clusters the experts (METHOD.md section 1: MBC steps 2-6, or random
+/// clusters). Experts are taken in name order, so the input order does not
+/// matter; clusters are named `cluster_0`.. in the name order of their
+/// first expert.
+pub fn cluster(experts: &[Expert], cfg: &ClusterConfig) -> Result<Clustering> {
+    cfg.validate()?;
+    check_compatible(experts)?;
+    let n = experts.len();
+    if cfg.k > n {
+        return Err(Error::invalid(format!(
+            "cannot make {} clusters from {n} experts: k must be at most the number of experts",
+            cfg.k
+        )));
+    }
+    let mut sorted: Vec<&Expert> = experts.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let (labels, inertia, similarity) = match cfg.method {
+        ClusterMethod::Mbc => {
+            let owned: Vec<Expert> = sorted.iter().map(|e| (*e).clone()).collect();
+            let emb = mbc_embed(&owned, cfg.sparsity, cfg.n_components, cfg.seed)?;
+            let s = similarity_matrix(&emb);
+            let km = kmeans(&s, cfg.k, cfg.restarts, cfg.seed)?;
+            (km.labels, Some(km.inertia), Some(s))
+        }
+        ClusterMethod::Random => (random_partition(n, cfg.k, cfg.seed), None, None),
+    };
+    let labels = canonical_labels(&labels);
+    let names = cluster_names(cfg.k);
+    let mut clusters: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut members: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (e, &l) in sorted.iter().zip(&labels) {
+        members
+            .entry(names[l].clone())
+            .or_default()
+            .push(e.name.clone());
+        clusters
+            .entry(names[l].clone())
+            .or_default()
+            .extend(expert_tasks(e));
+    }
+    for tasks in clusters.values_mut() {
+        tasks.sort();
+        tasks.dedup();
+    }
+    Ok(Clustering {
+        config: cfg.clone(),
+        experts: sorted.iter().map(|e| e.name.clone()).collect(),
+        clusters,
+        members,
+        inertia,
+        similarity,
+    })
+}
+
+/// Mean of `s[i][j]` over pairs `i != j` in one cluster and in different
+/// clusters.
+pub fn cluster_quality(labels: &[usize], s: &[Vec<f32>]) -> ClusterQuality {
+    let (mut within, mut nw, mut between, mut nb) = (0.0, 0usize, 0.0, 0usize);
+    for (i, li) in labels.iter().enumerate() {
+        for (j, lj) in labels.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            if li == lj {
+                within += s[i][j] as f64;
+                nw += 1;
+            } else {
+                between += s[i][j] as f64;
+                nb += 1;
+            }
+        }
+    }
+    ClusterQuality {
+        within: (nw > 0).then(|| within / nw as f64),
+        between: (nb > 0).then(|| between / nb as f64),
+    }
+}
+
+/// Adjusted Rand index of two partitions of the same items (1 for the same
+/// partition under any renaming of labels, about 0 for independent ones;
+/// Hubert and Arabie, 1985, as scikit-learn's `adjusted_rand_score`).
+pub fn adjusted_rand_index(a: &[usize], b: &[usize]) -> f64 {
+    assert_eq!(a.len(), b.len(), "partitions of different sets");
+    let n = a.len();
+    let pairs = |x: usize| (x * x.saturating_sub(1) / 2) as f64;
+    let mut table: BTreeMap<(usize, usize), usize> = BTreeMap::new();
+    let mut rows: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut cols: BTreeMap<usize, usize> = BTreeMap::new();
+    for (&x, &y) in a.iter().zip(b) {
+        *table.entry((x, y)).or_default() += 1;
+        *rows.entry(x).or_default() += 1;
+        *cols.entry(y).or_default() += 1;
+    }
+    let index: f64 = table.values().map(|&c| pairs(c)).sum();
+    let sum_a: f64 = rows.values().map(|&c| pairs(c)).sum();
+    let sum_b: f64 = cols.values().map(|&c| pairs(c)).sum();
+    let total = pairs(n);
+    if total == 0.0 {
+        return 1.0;
+    }
+    let expected = sum_a * sum_b / total;
+    let max = (sum_a + sum_b) / 2.0;
+    if max == expected {
+        // Both partitions trivial (all singletons or one cluster), as sklearn.
+        return 1.0;
+    }
+    (index - expected) / (max - expected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ari_matches_sklearn() {
+        // sklearn.metrics.adjusted_rand_score([0, 0, 1, 1], [0, 0, 1, 2]) == 0.5714285714285715
+        let v = adjusted_rand_index(&[0, 0, 1, 1], &[0, 0, 1, 2]);
+        assert!((v - 0.571_428_571_428_571_5).abs() < 1e-12, "{v}");
+        // adjusted_rand_score([0, 0, 1, 1], [0, 1, 0, 1]) == -0.5
+        let v = adjusted_rand_index(&[0, 0, 1, 1], &[0, 1, 0, 1]);
+        assert!((v + 0.5).abs() < 1e-12, "{v}");
+        assert_eq!(adjusted_rand_index(&[0, 0, 1, 2], &[5, 5, 3, 1]), 1.0);
+    }
+
+    #[test]
+    fn random_partition_is_balanced() {
+        let l = random_partition(10, 3, 1);
+        let mut sizes = [0; 3];
+        for x in &l {
+            sizes[*x] += 1;
+        }
+        sizes.sort();
+        assert_eq!(sizes, [3, 3, 4]);
+        assert_eq!(l, random_partition(10, 3, 1));
+    }
+
+    #[test]
+    fn names_sort_numerically() {
+        assert_eq!(cluster_names(3), ["cluster_0", "cluster_1", "cluster_2"]);
+        let n = cluster_names(12);
+        assert_eq!(n[0], "cluster_00");
+        assert_eq!(n[11], "cluster_11");
+        assert_eq!(cluster_names(1), ["cluster_0"]);
+    }
+
+    #[test]
+    fn quality_of_blocks() {
+        let s = vec![
+            vec![1.0, 0.9, 0.1],
+            vec![0.9, 1.0, 0.2],
+            vec![0.1, 0.2, 1.0],
+        ];
+        let q = cluster_quality(&[0, 0, 1], &s);
+        assert!((q.within.unwrap() - 0.9).abs() < 1e-6);
+        assert!((q.between.unwrap() - 0.15).abs() < 1e-6);
+    }
+}
