@@ -7,11 +7,15 @@
 //! FFN 1536, vocabulary 49152).
 //!
 //! ```text
-//! cargo run --release -p quiver-core --example bench_routing -- [--layers 30] [--batch 4] [--seq 128] [--sizes 8,64,256] [--reps 5] [--paths fast,grouped,reference]
+//! cargo run --release -p quiver-core --example bench_routing -- [--layers 30] [--batch 4] [--seq 128] [--sizes 8,64,256] [--reps 5] [--paths fast,grouped,reference] [--breakdown] [--micro]
 //! ```
 //!
-//! Runs alternate base and routed forwards and report the best of each,
-//! so load from other processes hits both alike.
+//! `--breakdown` also reports how much of a routed forward is spent inside
+//! the routed adapters; `--micro` times one q_proj-sized layer's parts.
+//!
+//! Base and routed forwards alternate; tok/s is the best run of each and
+//! the time ratio the median over (base, routed) pairs, so load from other
+//! processes hits both sides of a ratio alike.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -38,6 +42,7 @@ struct Args {
     top_k: usize,
     paths: Vec<String>,
     micro: bool,
+    breakdown: bool,
 }
 
 fn parse_args() -> Args {
@@ -50,6 +55,7 @@ fn parse_args() -> Args {
         top_k: 4,
         paths: vec!["fast".into()],
         micro: false,
+        breakdown: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -70,6 +76,11 @@ fn parse_args() -> Args {
             "--paths" => a.paths = val.split(',').map(String::from).collect(),
             "--micro" => {
                 a.micro = true;
+                i += 1;
+                continue;
+            }
+            "--breakdown" => {
+                a.breakdown = true;
                 i += 1;
                 continue;
             }
@@ -113,6 +124,30 @@ fn random_expert(model: &Llama, name: String, rng: &mut rand::rngs::StdRng) -> E
         weights,
         info: None,
     }
+}
+
+/// Wraps a layer's adapter to add up the time spent in it.
+#[derive(Debug)]
+struct Timed {
+    inner: std::sync::Arc<dyn quiver_core::lora::LinearAdapter>,
+    nanos: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl quiver_core::lora::LinearAdapter for Timed {
+    fn delta(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let t = Instant::now();
+        let y = self.inner.delta(xs);
+        self.nanos.fetch_add(
+            t.elapsed().as_nanos() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        y
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
 }
 
 /// Best of the runs: on a shared machine, interference only ever adds time.
@@ -234,7 +269,7 @@ fn main() {
         .collect();
 
     println!(
-        "Arrow routing, top-{}, mix output, {} layers, {} x {} tokens per forward, best of {} runs each",
+        "Arrow routing, top-{}, mix output, {} layers, {} x {} tokens per forward, {} paired runs (tok/s: best run; ratios: median over pairs)",
         a.top_k, a.layers, a.batch, a.seq, a.reps
     );
     println!(
@@ -266,20 +301,47 @@ fn main() {
             };
             install(&mut routed, lib, &Route::Arrow, Some(&protos), &opts, None).unwrap();
             time_forward(&routed, &ids);
-            let (mut tb, mut tr) = (Vec::new(), Vec::new());
+            // Each routed run is paired with the base run just before it,
+            // and the ratio is the median over pairs: on a shared machine
+            // a pair sees about the same load, successive pairs may not.
+            let (mut tb, mut tr, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..a.reps {
-                tb.push(time_forward(&base, &ids));
-                tr.push(time_forward(&routed, &ids));
+                let b = time_forward(&base, &ids);
+                let r = time_forward(&routed, &ids);
+                tb.push(b);
+                tr.push(r);
+                ratio.push((r / b, (r + head) / (b + head)));
             }
-            let (tb, tr) = (best(tb), best(tr));
+            let body = median(ratio.iter().map(|r| r.0).collect());
+            if a.breakdown {
+                let nanos = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+                for lin in routed.linears_mut() {
+                    if let Some(inner) = lin.adapter().cloned() {
+                        lin.set_adapter(Some(std::sync::Arc::new(Timed {
+                            inner,
+                            nanos: nanos.clone(),
+                        })));
+                    }
+                }
+                for _ in 0..3 {
+                    nanos.store(0, std::sync::atomic::Ordering::Relaxed);
+                    let b = time_forward(&base, &ids);
+                    let t = time_forward(&routed, &ids);
+                    let inside = nanos.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9;
+                    eprintln!(
+                        "  {n} experts: base {b:.3}s, routed {t:.3}s of which {inside:.3}s inside the routed adapters"
+                    );
+                }
+            }
+            let with_head = median(ratio.iter().map(|r| r.1).collect());
             println!(
                 "{:>8}  {:>10}  {:>12.0}  {:>12.0}  {:>12.3}x  {:>12.3}x",
                 n,
                 path,
-                n_tokens / tb,
-                n_tokens / tr,
-                tr / tb,
-                (tr + head) / (tb + head)
+                n_tokens / best(tb),
+                n_tokens / best(tr),
+                body,
+                with_head
             );
         }
         eprintln!(

@@ -330,6 +330,36 @@ fn fast_and_grouped_paths_equal_reference_on_random_libraries() {
     }
 }
 
+/// A bf16 model routes too (factors stay f32; the input is converted).
+#[test]
+fn fast_path_equals_reference_in_bf16() {
+    let cfg = tiny_config();
+    let mut w = WeightMap::random(&cfg, 21, &Device::Cpu).unwrap();
+    for t in w.tensors.values_mut() {
+        *t = t.to_dtype(DType::BF16).unwrap();
+    }
+    let model0 = Llama::new(&cfg, &w, &Device::Cpu).unwrap();
+    let experts = random_library(&tiny_model(21), 6, 3);
+    let protos = arrow_prototypes(&experts, SvdMethod::CholeskyQr).unwrap();
+    let ids = sample_ids(4, 2, 7);
+    let mut out = Vec::new();
+    for path in [RoutePath::Reference, RoutePath::Fast] {
+        let mut m = model0.clone();
+        install(
+            &mut m,
+            &experts,
+            &Route::Arrow,
+            Some(&protos),
+            &opts(2, MixMode::Output, path),
+            None,
+        )
+        .unwrap();
+        out.push(logits(&m, &ids).to_dtype(DType::F32).unwrap());
+    }
+    let d = max_diff(&out[0], &out[1]);
+    assert!(d < 0.1, "bf16 fast vs reference: {d}");
+}
+
 /// Layer level, with an explicit check against a hand-written mix.
 #[test]
 fn routed_layer_matches_hand_computed_mix() {
@@ -571,6 +601,25 @@ fn gen_know_sub_subtracts_the_general_mean() {
 
 // ------------------------------------------------ learned prototypes
 
+/// Test-side capture of a layer's input at the last position.
+#[derive(Debug)]
+struct CaptureLast {
+    inner: Lora,
+    sum: Arc<Mutex<Vec<f64>>>,
+}
+
+impl LinearAdapter for CaptureLast {
+    fn delta(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let s = xs.dims()[1];
+        let last: Vec<f32> = xs.narrow(1, s - 1, 1)?.flatten_all()?.to_vec1()?;
+        let mut sum = self.sum.lock().unwrap();
+        for (a, b) in sum.iter_mut().zip(last) {
+            *a += b as f64;
+        }
+        self.inner.delta(xs)
+    }
+}
+
 fn toy_examples(task: &str) -> Vec<Example> {
     (0..12)
         .map(|i| Example {
@@ -601,7 +650,11 @@ fn mu_and_phatgoose_prototypes_are_computed_cached_and_routable() {
     };
     let data = ExampleSource {
         id: "toy".into(),
-        examples: &get,
+        examples: Some(&get),
+    };
+    let lookup = ExampleSource {
+        id: "toy".into(),
+        examples: None,
     };
     let o = RouteOptions::default();
     // Without data and without a cache: one sentence naming the command.
@@ -611,7 +664,7 @@ fn mu_and_phatgoose_prototypes_are_computed_cached_and_routable() {
         SelectorKind::Mu,
         &mut lm.model,
         &lm.tokenizer,
-        None,
+        &lookup,
         &o,
     )
     .unwrap_err()
@@ -626,7 +679,7 @@ fn mu_and_phatgoose_prototypes_are_computed_cached_and_routable() {
         SelectorKind::Mu,
         &mut lm.model,
         &lm.tokenizer,
-        Some(&data),
+        &data,
         &o,
     )
     .unwrap();
@@ -643,7 +696,7 @@ fn mu_and_phatgoose_prototypes_are_computed_cached_and_routable() {
         SelectorKind::Mu,
         &mut lm.model,
         &lm.tokenizer,
-        Some(&data),
+        &data,
         &o,
     )
     .unwrap();
@@ -652,22 +705,48 @@ fn mu_and_phatgoose_prototypes_are_computed_cached_and_routable() {
     for (m, t) in &mu.layers {
         assert_eq!(max_diff(t, &mu2.layers[m]), 0.0);
     }
-    // Mu equals a hand computation for one expert and module: the
-    // normalised mean of the layer input at the last token.
-    let direct = routing::mu::expert_mu_vectors(
+    // A lookup without data now finds them.
+    let (_, stats) = learned_prototypes_cached(
+        &lib,
+        &lib.experts,
+        SelectorKind::Mu,
         &mut lm.model,
         &lm.tokenizer,
-        &lib.experts[1],
-        &toy_examples("task_b"),
-        &routing::MuConfig::default(),
+        &lookup,
+        &o,
     )
     .unwrap();
-    let row: Vec<f32> = mu.layers["model.layers.0.self_attn.q_proj"]
-        .get(1)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    assert_eq!(direct["model.layers.0.self_attn.q_proj"], row);
+    assert_eq!(stats.cached, 4);
+    // Mu by hand for one expert and module: the normalised mean of the
+    // layer's input at the last token, with the expert loaded.
+    let module = "model.layers.1.self_attn.o_proj";
+    let e = &lib.experts[1];
+    let sum = Arc::new(Mutex::new(vec![0f64; 32]));
+    e.attach(&mut lm.model, None).unwrap();
+    for lin in lm.model.linears_mut() {
+        if lin.name() == module {
+            let (a, b) = &e.weights[module];
+            lin.set_adapter(Some(Arc::new(CaptureLast {
+                inner: Lora::new(a.clone(), b.clone(), e.config.scale()).unwrap(),
+                sum: sum.clone(),
+            })));
+        }
+    }
+    for ex in toy_examples(&e.name).iter().take(10) {
+        let t = quiver_core::train::tokenize_example(&lm.tokenizer, ex, 512, 64).unwrap();
+        let ids: Vec<u32> = t.input.into_iter().chain(t.target).collect();
+        let n = ids.len();
+        lm.model
+            .forward(&Tensor::from_vec(ids, (1, n), &Device::Cpu).unwrap(), None)
+            .unwrap();
+    }
+    quiver_core::expert::detach_all(&mut lm.model);
+    let sum = sum.lock().unwrap().clone();
+    let norm = sum.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let got: Vec<f32> = mu.layers[module].get(1).unwrap().to_vec1().unwrap();
+    for (g, s) in got.iter().zip(&sum) {
+        assert!((*g as f64 - s / norm).abs() < 1e-5, "{g} vs {}", s / norm);
+    }
 
     let (pg, stats) = learned_prototypes_cached(
         &lib,
@@ -675,7 +754,7 @@ fn mu_and_phatgoose_prototypes_are_computed_cached_and_routable() {
         SelectorKind::Phatgoose,
         &mut lm.model,
         &lm.tokenizer,
-        Some(&data),
+        &data,
         &o,
     )
     .unwrap();
@@ -880,6 +959,14 @@ fn bad_input_is_one_sentence() {
         "{e}"
     );
     assert!(check_compatible(&mixed).is_err());
+    let e = gen_know_sub(&mixed, &["e000".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("same target modules"), "{e}");
+    for route in [Route::Uniform, Route::UniformDw, Route::Ties] {
+        let e = err(route, RouteOptions::default(), None, &mixed);
+        assert!(e.contains("same target modules"), "{e}");
+    }
     // Mismatched ranks.
     let mut ranks = experts.clone();
     ranks[1] = random_expert(&model, "e001", 9, &ATTN, 8);

@@ -47,12 +47,12 @@ pub fn run(g: &GlobalArgs, a: ArrowArgs) -> Result<ExitCode> {
     let start = Instant::now();
     let device = super::parse_device(&a.model.device)?;
     let dtype = super::parse_dtype(&a.model.dtype)?;
-    let (lib, stats) = if kind == SelectorKind::Arrow {
+    let (lib, n_experts, stats) = if kind == SelectorKind::Arrow {
         let lib = LibraryDir::open(&a.library, &device, dtype)?;
         let experts = routing::gen_know_sub(&lib.experts, &a.gks)?;
         routing::check_compatible(&experts)?;
         let (_, stats) = routing::arrow_prototypes_cached(&lib, &experts, &a.gks)?;
-        (lib, stats)
+        (lib, experts.len(), stats)
     } else {
         let mut lm = super::load_model(g, &a.model)?;
         let lib = LibraryDir::open(&a.library, &device, dtype)?;
@@ -63,7 +63,7 @@ pub fn run(g: &GlobalArgs, a: ArrowArgs) -> Result<ExitCode> {
         let get = super::route::examples_for(&a.source, a.split_seed);
         let src = ExampleSource {
             id: super::route::example_source_id(&a.source, a.split_seed),
-            examples: &get,
+            examples: Some(&get),
         };
         let sp = crate::progress::spinner(
             g,
@@ -83,17 +83,17 @@ pub fn run(g: &GlobalArgs, a: ArrowArgs) -> Result<ExitCode> {
             kind,
             &mut lm.model,
             &lm.tokenizer,
-            Some(&src),
+            &src,
             &opts,
         );
         sp.finish_and_clear();
         let (_, stats) = res?;
-        (lib, stats)
+        (lib, experts.len(), stats)
     };
     let v = serde_json::json!({
         "kind": a.kind,
         "library": lib.root(),
-        "experts": lib.experts.len() - a.gks.len(),
+        "experts": n_experts,
         "modules": lib.experts[0].weights.len(),
         "cache": stats.cache_dir,
         "computed": stats.computed,

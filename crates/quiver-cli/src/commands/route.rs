@@ -124,6 +124,7 @@ pub fn apply_route(lm: &mut LoadedModel, r: &RouteArgs) -> Result<()> {
     let lib = LibraryDir::open(lib_path, &device, dtype)?;
     let fp = model_fingerprint(&lm.model)?;
     lib.check_fits(&lm.model, Some(&fp))?;
+    routing::check_compatible(&lib.experts)?;
     let experts = routing::gen_know_sub(&lib.experts, &r.gks)?;
     if let Some(k) = r.top_k {
         routing::router::check_top_k(k, experts.len())?;
@@ -154,7 +155,7 @@ pub fn apply_route(lm: &mut LoadedModel, r: &RouteArgs) -> Result<()> {
             let get = examples_for(&r.route_data, r.route_split_seed);
             let src = ExampleSource {
                 id: example_source_id(&r.route_data, r.route_split_seed),
-                examples: &get,
+                examples: Some(&get),
             };
             let (p, stats) = routing::learned_prototypes_cached(
                 &lib,
@@ -162,7 +163,7 @@ pub fn apply_route(lm: &mut LoadedModel, r: &RouteArgs) -> Result<()> {
                 kind,
                 &mut lm.model,
                 &lm.tokenizer,
-                Some(&src),
+                &src,
                 &opts,
             )?;
             tracing::info!(

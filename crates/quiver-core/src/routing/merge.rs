@@ -15,6 +15,7 @@ use crate::lora::{matmul_t, LinearAdapter, Lora};
 /// mttl's uniform merge: `A = mean_e A_e`, `B = mean_e s_e B_e` (scale 1;
 /// with one shared scale this is `s * mean(B) mean(A)`).
 pub fn uniform_factors(experts: &[Expert]) -> Result<BTreeMap<String, Lora>> {
+    super::check_compatible(experts)?;
     let n = experts.len() as f64;
     let mut out = BTreeMap::new();
     for module in experts[0].weights.keys() {
@@ -44,6 +45,7 @@ pub fn uniform_factors(experts: &[Expert]) -> Result<BTreeMap<String, Lora>> {
 /// stacked (`[A_1; ..; A_N]`, `[s_1 B_1, .., s_N B_N] / N`), which
 /// computes exactly the sum of the experts' deltas divided by `N`.
 pub fn uniform_updates(experts: &[Expert]) -> Result<BTreeMap<String, Lora>> {
+    super::check_compatible(experts)?;
     let n = experts.len() as f64;
     let mut out = BTreeMap::new();
     for module in experts[0].weights.keys() {
@@ -95,6 +97,7 @@ fn quantile(values: &[f32], q: f64) -> f32 {
 /// threshold each layer's `dW_e` on its own, which needs only one layer's
 /// dense updates in memory at a time.
 pub fn ties_merge(experts: &[Expert], density: f64) -> Result<BTreeMap<String, DenseDelta>> {
+    super::check_compatible(experts)?;
     if !(density > 0.0 && density <= 1.0) {
         return Err(Error::InvalidArgument(format!(
             "the TIES density must be in (0, 1], got {density}"
@@ -148,6 +151,7 @@ pub fn gen_know_sub(experts: &[Expert], general: &[String]) -> Result<Vec<Expert
     if general.is_empty() {
         return Ok(experts.to_vec());
     }
+    super::check_compatible(experts)?;
     let mut gen = Vec::new();
     for name in general {
         let e = experts.iter().find(|e| &e.name == name).ok_or_else(|| {

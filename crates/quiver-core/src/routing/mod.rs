@@ -429,24 +429,27 @@ pub fn arrow_prototypes_cached(
     })
 }
 
+/// An expert's training examples.
+pub type ExamplesFn<'a> = &'a dyn Fn(&Expert) -> Result<Vec<Example>>;
+
 /// Where mu and Phatgoose find their examples.
 pub struct ExampleSource<'a> {
     /// Identifies the data in the cache key (e.g. `bigbench split_seed=0`).
     pub id: String,
-    /// An expert's training examples.
-    pub examples: &'a dyn Fn(&Expert) -> Result<Vec<Example>>,
+    /// An expert's training examples; `None` only looks the cache up.
+    pub examples: Option<ExamplesFn<'a>>,
 }
 
 /// Mu or Phatgoose prototypes from the cache, computing missing experts'
-/// with `data` (the model then has no adapters). Without `data`, a missing
-/// entry is an error that names the command that computes it.
+/// from `data` (the model then has no adapters). Without examples, a
+/// missing entry is an error that names the command that computes it.
 pub fn learned_prototypes_cached(
     lib: &LibraryDir,
     experts: &[Expert],
     kind: SelectorKind,
     model: &mut Llama,
     tok: &Tokenizer,
-    data: Option<&ExampleSource<'_>>,
+    data: &ExampleSource<'_>,
     opts: &RouteOptions,
 ) -> Result<(Prototypes, PrototypeStats)> {
     let fp = crate::expert::model_fingerprint(model)?;
@@ -463,21 +466,24 @@ pub fn learned_prototypes_cached(
     };
     let config = serde_json::json!({
         "transform": name, "version": 1, "config": cfg, "model": fp,
-        "data": data.map(|d| d.id.clone()), "gks": gks_key(lib, &opts.gks)?,
+        "data": data.id, "gks": gks_key(lib, &opts.gks)?,
     });
-    // The data id is part of the key; a lookup without data uses the
-    // default source's id so `quiver arrow --kind mu` and the router agree.
     let mu_cfg = MuConfig::default();
     let pg_cfg = PhatgooseConfig::default();
     let lib_root = lib.root().display().to_string();
     let res = cached_prototypes(lib, experts, name, config, |e| {
-        let Some(d) = data else {
+        let Some(examples) = data.examples else {
             return Err(Error::InvalidArgument(format!(
-                "route `{name}` needs {name} prototypes, which library {lib_root} does not have for expert `{}` and this model; compute them with `quiver arrow --library {lib_root} --kind {name} --model MODEL --source DATA`",
-                e.name
+                "route `{name}` needs {name} prototypes, which library {lib_root} does not have for expert `{}`, this model and data `{}`; compute them with `quiver arrow --library {lib_root} --kind {name} --model MODEL --source DATA`",
+                e.name, data.id
             )));
         };
-        let ex = (d.examples)(e)?;
+        let ex = examples(e).map_err(|err| {
+            Error::InvalidArgument(format!(
+                "the {name} prototypes of expert `{}` are computed from its training data ({}), which could not be read: {err}",
+                e.name, data.id
+            ))
+        })?;
         match kind {
             SelectorKind::Mu => mu::expert_mu_vectors(model, tok, e, &ex, &mu_cfg),
             _ => phatgoose::expert_phatgoose_gates(model, tok, e, &ex, &pg_cfg),

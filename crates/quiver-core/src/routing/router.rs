@@ -11,12 +11,14 @@
 //! * [`RoutePath::Grouped`]: route first, then, per expert, gather the
 //!   tokens routed to it, one matmul pair, scatter-add back. Candle ops
 //!   only, so it runs on any device.
-//! * [`RoutePath::Fast`] (default): on the CPU the same grouping in a
-//!   plain loop over f32 slices (LoRA ranks are tiny, so candle's
+//! * [`RoutePath::Fast`] (default): on the CPU the same grouping as plain
+//!   loops over f32 slices (AVX2/FMA where available), one block of
+//!   tokens per thread of candle's pool (LoRA ranks are tiny, so candle's
 //!   per-op overhead would dominate); elsewhere [`RoutePath::Grouped`].
 //!
 //! Only the prototype scores grow with the library size (`n x in x E`
-//! multiply-adds); applying experts costs `k` experts per token.
+//! multiply-adds); applying experts costs `k` experts per token, plus
+//! reading the chosen experts' factors once per call.
 
 use std::sync::{Arc, Mutex};
 
@@ -195,9 +197,11 @@ pub fn select_top_k(logits: &[f32], n: usize, e: usize, k: usize) -> Selection {
     for t in 0..n {
         let row = &logits[t * e..(t + 1) * e];
         top.clear();
-        for i in 0..e {
-            // Most experts lose to the current k-th: one plain comparison.
-            if top.len() == k && (row[i] < row[top[k - 1]] || !better(row, i, top[k - 1])) {
+        // The k-th best logit so far: most experts lose to it in one
+        // plain comparison (ties and NaN go through `better`).
+        let mut kth = f32::NEG_INFINITY;
+        for (i, &v) in row.iter().enumerate() {
+            if top.len() == k && (v < kth || !better(row, i, top[k - 1])) {
                 continue;
             }
             // Insertion into a short sorted list: k is small.
@@ -207,6 +211,9 @@ pub fn select_top_k(logits: &[f32], n: usize, e: usize, k: usize) -> Selection {
                 .unwrap_or(top.len());
             top.insert(pos, i);
             top.truncate(k);
+            if top.len() == k {
+                kth = row[top[k - 1]];
+            }
         }
         let max = row[top[0]];
         let mut sum = 0.0f32;
@@ -286,7 +293,9 @@ pub trait RouteObserver: Send + Sync + std::fmt::Debug {
 }
 
 /// How often each expert was chosen: shared by every routed layer of a
-/// model, so an evaluation can report expert usage over a data set.
+/// model, so an evaluation can report expert usage over a data set. Every
+/// row a layer sees counts, padding of batched scoring included; score
+/// one sequence at a time (or subtract) for exact per-token shares.
 #[derive(Debug)]
 pub struct Usage {
     names: Vec<String>,
@@ -599,13 +608,17 @@ impl RoutedLora {
         Ok(out)
     }
 
-    /// [`RoutedLora::grouped`] as plain loops over f32 slices (CPU only).
-    /// Tokens are split into contiguous ranges, one per thread of candle's
-    /// pool, and each range is processed expert by expert.
-    fn cpu_loop(&self, x2: &Tensor, sel: &Selection) -> candle_core::Result<Tensor> {
-        let (n, out) = (x2.dims()[0], self.out);
+    /// The fast CPU path: top-k selection and [`RoutedLora::grouped`]'s
+    /// computation as plain loops over f32 slices, one block of tokens per
+    /// thread of candle's pool (LoRA ranks are tiny, so candle's per-op
+    /// overhead would dominate the work).
+    fn cpu_fast(&self, x2: &Tensor, logits: &[f32]) -> candle_core::Result<(Selection, Tensor)> {
+        let (n, inp, out) = (x2.dims()[0], self.inp, self.out);
+        let (e, k) = (self.n_experts(), self.selector.top_k);
         let x = x2.to_dtype(DType::F32)?.contiguous()?;
         let mut y = vec![0f32; n * out];
+        let mut experts = vec![0u32; n * k];
+        let mut weights = vec![0f32; n * k];
         {
             let (storage, layout) = x.storage_and_layout();
             let data: &[f32] = match &*storage {
@@ -618,50 +631,44 @@ impl RoutedLora {
                 }
                 _ => candle_core::bail!("the CPU routing loop got a tensor on another device"),
             };
-            // candle's own worker threads (already running, so nothing is
-            // spawned per call); threads only pay off with enough work each.
+            // Blocks of at least 64 (token, expert) pairs, at most one per
+            // thread: each block reads its experts' factors once.
             let pool = candle_core::utils::barrier_pool();
-            let threads = (pool.n_workers() + 1).min(n * sel.k / 256).max(1);
-            if threads == 1 {
-                self.cpu_range(data, sel, 0, n, &mut y);
+            let blocks = (pool.n_workers() + 1).min(n * k / 64).max(1);
+            let per = n.div_ceil(blocks);
+            type Part<'a> = (&'a mut [f32], &'a mut [u32], &'a mut [f32]);
+            let parts: Vec<Mutex<Part<'_>>> = y
+                .chunks_mut(per * out)
+                .zip(experts.chunks_mut(per * k))
+                .zip(weights.chunks_mut(per * k))
+                .map(|((y, ex), w)| Mutex::new((y, ex, w)))
+                .collect();
+            let run = |b: usize| {
+                let (t0, t1) = (b * per, ((b + 1) * per).min(n));
+                let sel = select_top_k(&logits[t0 * e..t1 * e], t1 - t0, e, k);
+                let mut part = parts[b].lock().expect("one thread per block");
+                part.1.copy_from_slice(&sel.experts);
+                part.2.copy_from_slice(&sel.weights);
+                self.cpu_range(&data[t0 * inp..t1 * inp], &sel, 0, t1 - t0, part.0);
+            };
+            if parts.len() == 1 {
+                run(0);
             } else {
-                let per = n.div_ceil(threads);
-                let chunks: Vec<Mutex<&mut [f32]>> =
-                    y.chunks_mut(per * out).map(Mutex::new).collect();
-                pool.execute(|tid| {
-                    if let Some(chunk) = chunks.get(tid) {
-                        let t0 = tid * per;
-                        let t1 = (t0 + per).min(n);
-                        let mut chunk = chunk.lock().expect("one thread per chunk");
-                        self.cpu_range(data, sel, t0, t1, &mut chunk);
-                    }
-                });
+                pool.execute_chunked(parts.len(), |range| range.for_each(run));
             }
         }
-        Tensor::from_vec(y, (n, out), &Device::Cpu)
+        let sel = Selection {
+            k,
+            experts,
+            weights,
+        };
+        Ok((sel, Tensor::from_vec(y, (n, out), &Device::Cpu)?))
     }
 
-    /// Tokens `t0..t1` of [`RoutedLora::cpu_loop`]; `y` holds their outputs.
+    /// Tokens `t0..t1` of [`RoutedLora::cpu_fast`], expert by expert; `y`
+    /// holds their outputs.
     fn cpu_range(&self, data: &[f32], sel: &Selection, t0: usize, t1: usize, y: &mut [f32]) {
-        // The default x86-64 target has 4-lane SSE only; the same loops
-        // compiled for AVX2 run about twice as fast.
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
-            unsafe { self.cpu_range_avx2(data, sel, t0, t1, y) };
-            return;
-        }
-        self.cpu_range_body(data, sel, t0, t1, y)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn cpu_range_avx2(&self, data: &[f32], sel: &Selection, t0: usize, t1: usize, y: &mut [f32]) {
-        self.cpu_range_body(data, sel, t0, t1, y)
-    }
-
-    #[inline(always)]
-    fn cpu_range_body(&self, data: &[f32], sel: &Selection, t0: usize, t1: usize, y: &mut [f32]) {
+        let k = Kernels::detect();
         let f = self.cpu.as_ref().expect("CPU factors on a CPU layer");
         let (r, inp, out) = (self.r, self.inp, self.out);
         let g = group_range(sel, self.n_experts(), t0, t1);
@@ -676,9 +683,9 @@ impl RoutedLora {
                         let t = g.tokens[p] as usize;
                         let xt = &data[t * inp..(t + 1) * inp];
                         let c = g.weights[p] * self.scales[e];
-                        project(a_e, inp, xt, &mut z);
+                        (k.project)(a_e, inp, xt, &mut z);
                         z.iter_mut().for_each(|v| *v *= c);
-                        lift(&z, bt_e, out, &mut y[(t - t0) * out..(t - t0 + 1) * out]);
+                        (k.lift)(&z, bt_e, out, &mut y[(t - t0) * out..(t - t0 + 1) * out]);
                     }
                 }
             }
@@ -690,7 +697,7 @@ impl RoutedLora {
                     let a_e = a_of(e);
                     for p in g.offsets[e]..g.offsets[e + 1] {
                         let t = g.tokens[p] as usize;
-                        project(a_e, inp, &data[t * inp..(t + 1) * inp], &mut z);
+                        (k.project)(a_e, inp, &data[t * inp..(t + 1) * inp], &mut z);
                         let w = g.weights[p];
                         let zt = &mut zs[(t - t0) * r..(t - t0 + 1) * r];
                         zt.iter_mut().zip(&z).for_each(|(a, b)| *a += w * b);
@@ -704,10 +711,123 @@ impl RoutedLora {
                         z.iter_mut()
                             .zip(&zs[(t - t0) * r..(t - t0 + 1) * r])
                             .for_each(|(a, b)| *a = c * b);
-                        lift(&z, bt_e, out, &mut y[(t - t0) * out..(t - t0 + 1) * out]);
+                        (k.lift)(&z, bt_e, out, &mut y[(t - t0) * out..(t - t0 + 1) * out]);
                     }
                 }
             }
+        }
+    }
+}
+
+/// The two inner loops of the CPU path: `z = A x` and `y += B z`.
+#[derive(Clone, Copy)]
+struct Kernels {
+    project: fn(&[f32], usize, &[f32], &mut [f32]),
+    lift: fn(&[f32], &[f32], usize, &mut [f32]),
+}
+
+impl Kernels {
+    /// AVX2 + FMA where the CPU has them (the default x86-64 target only
+    /// assumes 4-lane SSE, and the portable loops do not fuse), else the
+    /// portable loops.
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Self {
+                project: simd::project_entry,
+                lift: simd::lift_entry,
+            };
+        }
+        Self { project, lift }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    /// [`super::project`] with AVX2 + FMA.
+    pub(super) fn project_entry(a: &[f32], inp: usize, x: &[f32], z: &mut [f32]) {
+        // SAFETY: only reachable through `Kernels::detect`, after checking
+        // that the CPU has AVX2 and FMA.
+        unsafe { project(a, inp, x, z) }
+    }
+
+    /// [`super::lift`] with AVX2 + FMA.
+    pub(super) fn lift_entry(z: &[f32], bt: &[f32], out: usize, y: &mut [f32]) {
+        // SAFETY: as for `project_entry`.
+        unsafe { lift(z, bt, out, y) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn project(a: &[f32], inp: usize, x: &[f32], z: &mut [f32]) {
+        let r = z.len();
+        assert!(a.len() >= r * inp && x.len() >= inp, "project: bad lengths");
+        let n8 = inp / 8 * 8;
+        let mut j = 0;
+        while j + 4 <= r {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for i in (0..n8).step_by(8) {
+                // SAFETY: i + 8 <= inp, and rows j..j+4 of `a` and `x` hold
+                // `inp` values each (asserted above).
+                unsafe {
+                    let xv = _mm256_loadu_ps(x.as_ptr().add(i));
+                    for (q, acc) in acc.iter_mut().enumerate() {
+                        let av = _mm256_loadu_ps(a.as_ptr().add((j + q) * inp + i));
+                        *acc = _mm256_fmadd_ps(av, xv, *acc);
+                    }
+                }
+            }
+            for (q, acc) in acc.iter().enumerate() {
+                let mut lanes = [0f32; 8];
+                // SAFETY: `lanes` holds 8 values.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *acc) };
+                let row = &a[(j + q) * inp..(j + q + 1) * inp];
+                let tail: f32 = row[n8..].iter().zip(&x[n8..inp]).map(|(a, b)| a * b).sum();
+                z[j + q] = super::hsum8(&lanes) + tail;
+            }
+            j += 4;
+        }
+        for (q, zq) in z.iter_mut().enumerate().skip(j) {
+            *zq = super::dot(&a[q * inp..(q + 1) * inp], &x[..inp]);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn lift(z: &[f32], bt: &[f32], out: usize, y: &mut [f32]) {
+        let r = z.len();
+        assert!(bt.len() >= r * out && y.len() >= out, "lift: bad lengths");
+        let n8 = out / 8 * 8;
+        let mut j = 0;
+        while j + 4 <= r {
+            let zv = [
+                _mm256_set1_ps(z[j]),
+                _mm256_set1_ps(z[j + 1]),
+                _mm256_set1_ps(z[j + 2]),
+                _mm256_set1_ps(z[j + 3]),
+            ];
+            for i in (0..n8).step_by(8) {
+                // SAFETY: i + 8 <= out, `y` holds `out` values and rows
+                // j..j+4 of `bt` hold `out` values each (asserted above).
+                unsafe {
+                    let mut yv = _mm256_loadu_ps(y.as_ptr().add(i));
+                    for (q, zq) in zv.iter().enumerate() {
+                        let bv = _mm256_loadu_ps(bt.as_ptr().add((j + q) * out + i));
+                        yv = _mm256_fmadd_ps(bv, *zq, yv);
+                    }
+                    _mm256_storeu_ps(y.as_mut_ptr().add(i), yv);
+                }
+            }
+            for i in n8..out {
+                y[i] += (0..4)
+                    .map(|q| z[j + q] * bt[(j + q) * out + i])
+                    .sum::<f32>();
+            }
+            j += 4;
+        }
+        for (q, &zq) in z.iter().enumerate().skip(j) {
+            super::axpy(zq, &bt[q * out..(q + 1) * out], &mut y[..out]);
         }
     }
 }
@@ -822,7 +942,19 @@ impl LinearAdapter for RoutedLora {
         let n = xs.elem_count() / inp.max(1);
         let x2 = xs.reshape((n, inp))?;
         let logits = self.selector.logits(&x2)?;
-        let sel = select_top_k(&logits, n, self.n_experts(), self.selector.top_k);
+        let (sel, y) = match self.path {
+            RoutePath::Fast if self.cpu.is_some() && xs.device().is_cpu() => {
+                self.cpu_fast(&x2, &logits)?
+            }
+            path => {
+                let sel = select_top_k(&logits, n, self.n_experts(), self.selector.top_k);
+                let y = match path {
+                    RoutePath::Reference => self.reference(&x2, &logits)?,
+                    _ => self.grouped(&x2, &sel)?,
+                };
+                (sel, y)
+            }
+        };
         if let Some(u) = &self.usage {
             u.record(&sel);
         }
@@ -839,14 +971,6 @@ impl LinearAdapter for RoutedLora {
                 selection: &sel,
             });
         }
-        let y = match self.path {
-            RoutePath::Reference => self.reference(&x2, &logits)?,
-            RoutePath::Grouped => self.grouped(&x2, &sel)?,
-            RoutePath::Fast if self.cpu.is_some() && xs.device().is_cpu() => {
-                self.cpu_loop(&x2, &sel)?
-            }
-            RoutePath::Fast => self.grouped(&x2, &sel)?,
-        };
         let mut out_dims = dims;
         *out_dims.last_mut().expect("rank >= 1") = self.out;
         y.reshape(out_dims)?.to_dtype(xs.dtype())
@@ -902,21 +1026,24 @@ mod tests {
 
     #[test]
     fn project_and_lift_match_naive_loops_for_any_rank() {
-        for (r, inp, out) in [(1, 5, 3), (3, 17, 9), (4, 576, 192), (5, 33, 40), (9, 8, 7)] {
-            let a: Vec<f32> = (0..r * inp).map(|i| (i as f32 * 0.7).sin()).collect();
-            let x: Vec<f32> = (0..inp).map(|i| (i as f32 * 0.3).cos()).collect();
-            let bt: Vec<f32> = (0..r * out).map(|i| (i as f32 * 0.2).sin()).collect();
-            let mut z = vec![0f32; r];
-            project(&a, inp, &x, &mut z);
-            for j in 0..r {
-                let want: f32 = (0..inp).map(|i| a[j * inp + i] * x[i]).sum();
-                assert!((z[j] - want).abs() < 1e-3, "r={r} j={j}");
-            }
-            let mut y: Vec<f32> = (0..out).map(|i| i as f32).collect();
-            lift(&z, &bt, out, &mut y);
-            for o in 0..out {
-                let want = o as f32 + (0..r).map(|j| z[j] * bt[j * out + o]).sum::<f32>();
-                assert!((y[o] - want).abs() < 1e-3, "r={r} o={o}");
+        let portable = Kernels { project, lift };
+        for k in [portable, Kernels::detect()] {
+            for (r, inp, out) in [(1, 5, 3), (3, 17, 9), (4, 576, 192), (5, 33, 40), (9, 8, 7)] {
+                let a: Vec<f32> = (0..r * inp).map(|i| (i as f32 * 0.7).sin()).collect();
+                let x: Vec<f32> = (0..inp).map(|i| (i as f32 * 0.3).cos()).collect();
+                let bt: Vec<f32> = (0..r * out).map(|i| (i as f32 * 0.2).sin()).collect();
+                let mut z = vec![0f32; r];
+                (k.project)(&a, inp, &x, &mut z);
+                for j in 0..r {
+                    let want: f32 = (0..inp).map(|i| a[j * inp + i] * x[i]).sum();
+                    assert!((z[j] - want).abs() < 1e-3, "r={r} j={j}");
+                }
+                let mut y: Vec<f32> = (0..out).map(|i| i as f32).collect();
+                (k.lift)(&z, &bt, out, &mut y);
+                for o in 0..out {
+                    let want = o as f32 + (0..r).map(|j| z[j] * bt[j * out + o]).sum::<f32>();
+                    assert!((y[o] - want).abs() < 1e-3, "r={r} o={o}");
+                }
             }
         }
     }
