@@ -54,6 +54,9 @@ pub enum Command {
     Cluster(crate::commands::cluster::ClusterArgs),
     /// Compute and cache Arrow routing prototypes for every expert and layer of a library.
     Arrow(crate::commands::arrow::ArrowArgs),
+    /// Measure accuracy on held-out tasks (multiple choice by log-likelihood, BIG-Bench-Hard
+    /// by generation), for the base model, an expert, a merge or a routed library.
+    Eval(crate::commands::eval::EvalArgs),
 }
 
 /// Where a model runs.

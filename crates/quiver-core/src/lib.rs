@@ -6,6 +6,7 @@
 pub mod assets;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod expert;
 pub mod generate;
 pub mod library;

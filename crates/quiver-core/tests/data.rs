@@ -29,6 +29,7 @@ fn examples(task: &str, n: usize) -> Vec<Example> {
             target: format!("output {i}"),
             options: None,
             answer: None,
+            scored_suffix: None,
         })
         .collect()
 }

@@ -628,6 +628,7 @@ fn toy_examples(task: &str) -> Vec<Example> {
             target: format!("{}", i * 7 % 10),
             options: None,
             answer: None,
+            scored_suffix: None,
         })
         .collect()
 }

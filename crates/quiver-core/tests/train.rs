@@ -33,6 +33,7 @@ fn examples() -> Vec<Example> {
                 target: format!("{b} {a}"),
                 options: None,
                 answer: None,
+                scored_suffix: None,
             }
         })
         .collect()

@@ -4,6 +4,7 @@ pub mod arrow;
 pub mod cluster;
 mod convert;
 pub mod data;
+pub mod eval;
 mod fetch;
 mod generate;
 pub mod library;
@@ -31,6 +32,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Library(a) => library::run(g, a),
         Command::Cluster(a) => cluster::run(g, a),
         Command::Arrow(a) => arrow::run(g, a),
+        Command::Eval(a) => eval::run(g, a),
     }
 }
 

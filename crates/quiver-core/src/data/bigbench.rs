@@ -262,6 +262,7 @@ impl Format {
                 target: options[best].clone(),
                 options: Some(options),
                 answer: Some(best),
+                scored_suffix: None,
             });
         }
         let target = match raw.target? {
@@ -279,6 +280,7 @@ impl Format {
             target,
             options: None,
             answer: None,
+            scored_suffix: None,
         })
     }
 }

@@ -13,6 +13,9 @@
 //!   `options`): optional, for multiple choice. When `answer` is missing
 //!   but `target` is one of the options, `answer` is its index. When both
 //!   are given, `target` must equal `options[answer]`.
+//! * `scored_suffix` (string): optional, for multiple choice whose options
+//!   all end with the same text (WinoGrande): only that suffix is scored,
+//!   conditioned on the source and each option's head.
 //! * Other fields are ignored; blank lines are skipped; a file whose name
 //!   ends in `.gz` is gzip-compressed.
 //!
@@ -57,6 +60,7 @@ struct Line {
     target: Option<String>,
     options: Option<Vec<String>>,
     answer: Option<usize>,
+    scored_suffix: Option<String>,
 }
 
 /// Parses one JSONL record (`Err` is the message of a [`Error::DataLine`]).
@@ -92,6 +96,7 @@ pub fn parse_line(text: &str) -> std::result::Result<Example, String> {
         target,
         options: line.options,
         answer,
+        scored_suffix: line.scored_suffix,
     };
     ex.check()?;
     Ok(ex)

@@ -73,6 +73,12 @@ pub struct Example {
     /// The index of the gold option in `options`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub answer: Option<usize>,
+    /// Partial scoring (WinoGrande): every option ends with this text, and
+    /// multiple-choice scoring conditions on the source plus the option's
+    /// head and scores only this shared suffix, so options are compared on
+    /// the same tokens (as olmo and lm-evaluation-harness do).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scored_suffix: Option<String>,
 }
 
 impl Example {
@@ -115,6 +121,12 @@ impl Example {
                         "`target` {:?} is not the answer option {:?}",
                         self.target, opts[a]
                     ))
+                } else if let Some(o) = self
+                    .scored_suffix
+                    .as_ref()
+                    .and_then(|s| opts.iter().find(|o| !o.ends_with(s.as_str())))
+                {
+                    Err(format!("option {o:?} does not end with `scored_suffix`"))
                 } else {
                     Ok(())
                 }
@@ -289,9 +301,53 @@ pub const HELD_OUT_TASKS: &[&str] = &[
     "winogrande",
 ];
 
-/// Whether `task` is one of [`HELD_OUT_TASKS`] in any form: `arc_easy`,
-/// `arc_easy:train`, `arc_easy:mc:validation`, `ARC-Easy`, `piqa_train`.
+/// The BIG-Bench-Hard tasks (Suzgun et al., 2022) by their BIG-bench
+/// names: held out too (METHOD.md section 4), evaluated by greedy
+/// generation and exact match. A subtask (`logical_deduction/three_objects`)
+/// is held out with its task.
+pub const BBH_TASKS: &[&str] = &[
+    "boolean_expressions",
+    "causal_judgment",
+    "date_understanding",
+    "disambiguation_qa",
+    "dyck_languages",
+    "formal_fallacies_syllogisms_negation",
+    "geometric_shapes",
+    "hyperbaton",
+    "logical_deduction",
+    "movie_recommendation",
+    "multistep_arithmetic",
+    "multistep_arithmetic_two",
+    "navigate",
+    "object_counting",
+    "penguins_in_a_table",
+    "reasoning_about_colored_objects",
+    "ruin_names",
+    "salient_translation_error_detection",
+    "snarks",
+    "sports_understanding",
+    "temporal_sequences",
+    "tracking_shuffled_objects",
+    "web_of_lies",
+    "word_sorting",
+];
+
+/// Whether `task` is a BIG-Bench-Hard task or one of its subtasks
+/// (`navigate`, `logical_deduction/three_objects`, `bbh/navigate`).
+pub fn is_bbh(task: &str) -> bool {
+    let norm = task.trim().to_ascii_lowercase().replace('-', "_");
+    let norm = norm.strip_prefix("bbh/").unwrap_or(&norm);
+    let base = norm.split(['/', ':']).next().unwrap_or("");
+    BBH_TASKS.contains(&base)
+}
+
+/// Whether `task` is held out of training: one of [`HELD_OUT_TASKS`] in
+/// any form (`arc_easy`, `arc_easy:train`, `arc_easy:mc:validation`,
+/// `ARC-Easy`, `piqa_train`) or a BIG-Bench-Hard task ([`is_bbh`]).
 pub fn is_held_out(task: &str) -> bool {
+    if is_bbh(task) {
+        return true;
+    }
     let norm = task.trim().to_ascii_lowercase().replace('-', "_");
     let base = norm.split(':').next().unwrap_or("");
     HELD_OUT_TASKS.iter().any(|h| {
@@ -312,7 +368,7 @@ pub fn is_held_out(task: &str) -> bool {
 pub fn check_trainable(task: &str) -> Result<()> {
     if is_held_out(task) {
         Err(Error::invalid(format!(
-            "task `{task}` is one of the paper's seven held-out evaluation tasks and is never used for training"
+            "task `{task}` is one of the paper's held-out evaluation tasks (the seven multiple-choice tasks and BIG-Bench-Hard) and is never used for training"
         )))
     } else {
         Ok(())
@@ -519,6 +575,7 @@ mod tests {
             target: format!("t{i}"),
             options: None,
             answer: None,
+            scored_suffix: None,
         }
     }
 

@@ -242,6 +242,7 @@ pub fn doc_example(
             target,
             options: Some(options),
             answer: Some(gold),
+            scored_suffix: None,
         });
     }
     if let (Some(sentence), Some(o1), Some(o2), Some(ans)) = (
@@ -269,6 +270,7 @@ pub fn doc_example(
             target: options[answer].clone(),
             options: Some(options),
             answer: Some(answer),
+            scored_suffix: (!rest.trim().is_empty()).then(|| rest.to_string()),
         });
     }
     Err("the document has neither query/choices/gold nor sentence/option1/option2/answer".into())
