@@ -57,6 +57,12 @@ pub enum Command {
     /// Measure accuracy on held-out tasks (multiple choice by log-likelihood, BIG-Bench-Hard
     /// by generation), for the base model, an expert, a merge or a routed library.
     Eval(crate::commands::eval::EvalArgs),
+    /// Run the whole pipeline from a TOML file: private experts, MBC and random clusters,
+    /// cluster and shared experts, then every route on the held-out tasks, as one table.
+    Experiment(crate::commands::experiment::ExperimentArgs),
+    /// The main job at demo size on SmolLM2-135M (configs/demo.toml): train a small
+    /// library, build MBC experts, route with Arrow, compare on the seven held-out tasks.
+    Demo(crate::commands::experiment::DemoArgs),
 }
 
 /// Where a model runs.

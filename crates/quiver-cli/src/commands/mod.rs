@@ -5,6 +5,7 @@ pub mod cluster;
 mod convert;
 pub mod data;
 pub mod eval;
+pub mod experiment;
 mod fetch;
 mod generate;
 pub mod library;
@@ -33,6 +34,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Cluster(a) => cluster::run(g, a),
         Command::Arrow(a) => arrow::run(g, a),
         Command::Eval(a) => eval::run(g, a),
+        Command::Experiment(a) => experiment::run_experiment(g, a),
+        Command::Demo(a) => experiment::run_demo(g, a),
     }
 }
 

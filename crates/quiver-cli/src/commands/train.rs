@@ -52,6 +52,15 @@ fn target_modules(spec: &str) -> TargetModules {
     }
 }
 
+/// The tasks' validation examples taken in turn (first of each task, then
+/// second, ...), so `--max-eval-examples` keeps every task represented.
+fn interleave(parts: &[&[Example]]) -> Vec<Example> {
+    let longest = parts.iter().map(|p| p.len()).max().unwrap_or(0);
+    (0..longest)
+        .flat_map(|i| parts.iter().filter_map(move |p| p.get(i).cloned()))
+        .collect()
+}
+
 /// One expert to train: its name, the tasks it covers, train and validation data.
 struct Job {
     name: String,
@@ -127,12 +136,13 @@ pub fn run(g: &GlobalArgs, mut a: TrainArgs) -> Result<ExitCode> {
             .iter()
             .map(|(name, members)| {
                 let mut train = Vec::new();
-                let mut val = Vec::new();
+                let mut vals = Vec::new();
                 for t in members {
                     let (tr, va) = &by_task[t];
                     train.extend(tr.iter().cloned());
-                    val.extend(va.iter().cloned());
+                    vals.push(va.as_slice());
                 }
+                let val = interleave(&vals);
                 Job {
                     name: name.clone(),
                     tasks: members.clone(),
@@ -144,11 +154,12 @@ pub fn run(g: &GlobalArgs, mut a: TrainArgs) -> Result<ExitCode> {
         (None, Some(name)) => {
             validate_name(name)?;
             let mut train = Vec::new();
-            let mut val = Vec::new();
+            let mut vals = Vec::new();
             for (_, tr, va) in &tasks {
                 train.extend(tr.iter().cloned());
-                val.extend(va.iter().cloned());
+                vals.push(va.as_slice());
             }
+            let val = interleave(&vals);
             vec![Job {
                 name: name.clone(),
                 tasks: a.tasks.clone(),

@@ -1,0 +1,336 @@
+//! `quiver eval`, `quiver experiment` and `quiver demo` through the binary:
+//! the whole pipeline on a tiny model and JSONL tasks (resumed on a second
+//! run), held-out tasks refused as training data, and, with the fetched
+//! assets, SmolLM2 on ARC-Easy.
+
+mod common;
+
+use std::path::Path;
+
+use common::{assert_clean_error, assets_present, fixture, quiver, run};
+
+/// Two families of training tasks and a multiple-choice evaluation task.
+fn write_data(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let train = dir.join("train.jsonl");
+    let mut t = String::new();
+    let words = ["cat", "sun", "red", "box", "pen", "cup", "hat", "map"];
+    for (task, f) in [
+        (
+            "plural_a",
+            (|w: &str| format!("{w}s")) as fn(&str) -> String,
+        ),
+        ("plural_b", |w: &str| format!("{w}s")),
+        ("reverse_a", |w: &str| w.chars().rev().collect()),
+        ("reverse_b", |w: &str| w.chars().rev().collect()),
+    ] {
+        for (i, w) in words.iter().cycle().take(30).enumerate() {
+            let v = serde_json::json!({
+                "task": task,
+                "source": format!("{task} {i}: {w} ->"),
+                "target": f(w),
+            });
+            t.push_str(&format!("{v}\n"));
+        }
+    }
+    std::fs::write(&train, t).unwrap();
+    let eval = dir.join("eval.jsonl");
+    let mut e = String::new();
+    for (i, w) in words.iter().cycle().take(40).enumerate() {
+        let v = serde_json::json!({
+            "task": "pick_plural",
+            "source": format!("The plural of {w} is"),
+            "options": [format!("{w}s"), format!("{w}x"), w.to_string()],
+            "answer": 0,
+            "_i": i,
+        });
+        e.push_str(&format!("{v}\n"));
+    }
+    std::fs::write(&eval, e).unwrap();
+    (train, eval)
+}
+
+fn write_config(dir: &Path, train: &Path, eval: &Path, train_tasks: &str) -> std::path::PathBuf {
+    let cfg = format!(
+        r#"
+name = "tiny"
+model = "{model}"
+
+[train]
+tasks = [{train_tasks}]
+source = "{train}"
+steps = 2
+cluster_steps = 2
+lr = 1e-2
+batch_size = 2
+max_input_len = 32
+max_target_len = 8
+max_eval_examples = 2
+
+[library]
+k = 2
+
+[eval]
+tasks = ["pick_plural"]
+data = "{eval}"
+split = "all"
+limit = 6
+top_k = 2
+routes = ["base", "shared", "uniform@private", "arrow@private", "arrow@mbc", "arrow@random", "ties@mbc"]
+"#,
+        model = fixture("tiny_llama").display(),
+        train = train.display(),
+        eval = eval.display(),
+    );
+    let path = dir.join("tiny.toml");
+    std::fs::write(&path, cfg).unwrap();
+    path
+}
+
+#[test]
+fn experiment_runs_every_route_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, eval) = write_data(dir.path());
+    let cfg = write_config(
+        dir.path(),
+        &train,
+        &eval,
+        r#""plural_a", "plural_b", "reverse_a", "reverse_b""#,
+    );
+    let out = dir.path().join("run");
+    let args = [
+        "experiment",
+        "--no-progress",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let (o, table, err) = run(quiver().args(args));
+    assert!(o.status.success(), "{err}");
+    // The commands it ran are printed, so any step can be rerun by hand.
+    assert!(err.contains("$ quiver train --library"), "{err}");
+    assert!(err.contains("$ quiver cluster --library"), "{err}");
+    for route in [
+        "base",
+        "shared",
+        "uniform@private",
+        "arrow@private",
+        "arrow@mbc",
+        "arrow@random",
+        "ties@mbc",
+    ] {
+        assert!(table.contains(&format!("| {route} |")), "{route}: {table}");
+    }
+    // Libraries: 4 private experts, k = 2 cluster experts each, 1 shared.
+    let count = |lib: &str| {
+        std::fs::read_dir(out.join(lib))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .join("quiver_expert.json")
+                    .exists()
+            })
+            .count()
+    };
+    assert_eq!(count("private"), 4);
+    assert_eq!(count("mbc"), 2);
+    assert_eq!(count("random"), 2);
+    assert_eq!(count("shared"), 1);
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let routes = results["routes"].as_array().unwrap();
+    assert_eq!(routes.len(), 7);
+    for r in routes {
+        let t = &r["report"]["tasks"][0];
+        assert_eq!(t["items"], 6, "{r}");
+        let score = t["score"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&score));
+    }
+    assert!(std::fs::read_to_string(out.join("results.md"))
+        .unwrap()
+        .contains("| arrow@mbc |"));
+    // The MBC clusters each hold whole tasks.
+    let clusters: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("clusters-mbc.json")).unwrap())
+            .unwrap();
+    let n: usize = clusters["clusters"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_array().unwrap().len())
+        .sum();
+    assert_eq!(n, 4);
+
+    // Second run: nothing retrained or re-evaluated, the same table.
+    let (o, table2, err) = run(quiver().args(args));
+    assert!(o.status.success(), "{err}");
+    assert_eq!(table, table2);
+    assert!(err.contains("already in the library, skipping"), "{err}");
+    assert!(err.contains("already done"), "{err}");
+    assert!(!err.contains("$ quiver eval"), "{err}");
+}
+
+#[test]
+fn held_out_tasks_are_never_trained_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, eval) = write_data(dir.path());
+    for task in [
+        "arc_easy",
+        "winogrande:train",
+        "navigate",
+        "logical_deduction/three_objects",
+    ] {
+        let cfg = write_config(
+            dir.path(),
+            &train,
+            &eval,
+            &format!(r#""plural_a", "{task}""#),
+        );
+        assert_clean_error(
+            quiver().args(["experiment", "--config", cfg.to_str().unwrap()]),
+            &["held-out", task],
+        );
+    }
+    // The configs kept in the repository never train on a held-out task.
+    let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut seen = 0;
+    for e in std::fs::read_dir(&configs).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().and_then(|x| x.to_str()) != Some("toml") {
+            continue;
+        }
+        let v: toml::Value = toml::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        for t in v["train"]["tasks"].as_array().unwrap() {
+            let t = t.as_str().unwrap();
+            assert!(
+                !quiver_core::data::is_held_out(t),
+                "{}: trains on held-out {t}",
+                p.display()
+            );
+        }
+        seen += 1;
+    }
+    assert!(seen >= 2, "configs/demo.toml and configs/paper-small.toml");
+}
+
+#[test]
+fn bad_experiment_files_fail_with_one_sentence() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, eval) = write_data(dir.path());
+    let cfg = write_config(dir.path(), &train, &eval, r#""plural_a", "plural_b""#);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, text.replace("arrow@mbc", "arrow@nowhere")).unwrap();
+    assert_clean_error(
+        quiver().args(["experiment", "--config", bad.to_str().unwrap()]),
+        &["nowhere"],
+    );
+    std::fs::write(&bad, text.replace("k = 2", "k = 9")).unwrap();
+    assert_clean_error(
+        quiver().args(["experiment", "--config", bad.to_str().unwrap()]),
+        &["k = 9"],
+    );
+    std::fs::write(&bad, text.replace("steps = 2", "stepz = 2")).unwrap();
+    assert_clean_error(
+        quiver().args(["experiment", "--config", bad.to_str().unwrap()]),
+        &["bad.toml"],
+    );
+    assert_clean_error(
+        quiver().args(["experiment", "--config", "/nonexistent/x.toml"]),
+        &["/nonexistent/x.toml"],
+    );
+}
+
+#[test]
+fn eval_bad_input_fails_with_one_sentence() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, eval) = write_data(dir.path());
+    let model = fixture("tiny_llama");
+    let base = |extra: &[&str]| {
+        let mut c = quiver();
+        c.args([
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            eval.to_str().unwrap(),
+        ]);
+        c.args(extra);
+        c
+    };
+    assert_clean_error(&mut base(&["--tasks", "nope"]), &["nope"]);
+    assert_clean_error(
+        &mut base(&["--tasks", "pick_plural", "--limit", "0"]),
+        &["--limit"],
+    );
+    assert_clean_error(
+        &mut base(&["--tasks", "pick_plural", "--split", "sideways"]),
+        &["sideways"],
+    );
+    assert_clean_error(
+        &mut base(&["--tasks", "pick_plural", "--route", "arrow"]),
+        &["--library"],
+    );
+    // Same items, same numbers, every run.
+    let ok = |c: &mut std::process::Command| {
+        let (o, stdout, err) = run(c);
+        assert!(o.status.success(), "{err}");
+        stdout
+    };
+    let a = ok(&mut base(&[
+        "--tasks",
+        "pick_plural",
+        "--split",
+        "all",
+        "--limit",
+        "7",
+    ]));
+    let b = ok(&mut base(&[
+        "--tasks",
+        "pick_plural",
+        "--split",
+        "all",
+        "--limit",
+        "7",
+    ]));
+    assert_eq!(a, b);
+    assert!(a.contains("pick_plural") && a.contains("acc_norm"), "{a}");
+}
+
+#[test]
+fn real_model_beats_chance_on_arc_easy() {
+    if !assets_present(&["smollm2-135m", "olmo-tasks"]) {
+        eprintln!("skipping: smollm2-135m and olmo-tasks not fetched");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("arc.json");
+    let args = [
+        "eval",
+        "--quiet",
+        "--model",
+        "smollm2-135m",
+        "--tasks",
+        "arc_easy",
+        "--limit",
+        "200",
+        "--json",
+        json.to_str().unwrap(),
+    ];
+    let (o, first, err) = run(quiver().args(args));
+    assert!(o.status.success(), "{err}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let t = &report["tasks"][0];
+    assert_eq!(t["task"], "arc_easy:validation");
+    assert_eq!(t["items"], 200);
+    // Four options: chance is 25%. SmolLM2-135M scores 47.9% acc_norm on the
+    // whole validation split (570 items); 0.38 is over four standard errors
+    // above chance at 200 items.
+    let acc = t["score"].as_f64().unwrap();
+    assert!(acc > 0.38, "acc_norm {acc}");
+    let (_, second, _) = run(quiver().args(args));
+    assert_eq!(first, second);
+}
