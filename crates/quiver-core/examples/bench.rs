@@ -101,6 +101,7 @@ fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 }
 
 fn main() -> anyhow::Result<()> {
+    quiver_core::alloc::keep_freed_memory();
     let args = parse_args();
     std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
     let reps = if args.quick { 2 } else { 5 };

@@ -239,6 +239,7 @@ fn micro(a: &Args) {
 }
 
 fn main() {
+    quiver_core::alloc::keep_freed_memory();
     let a = parse_args();
     if a.micro {
         micro(&a);

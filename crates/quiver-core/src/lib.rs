@@ -3,6 +3,7 @@
 //! routing, training and evaluation of "Towards Modular LLMs by Building
 //! and Reusing a Library of LoRAs" (Ostapenko et al., ICML 2024).
 
+pub mod alloc;
 pub mod assets;
 pub mod data;
 pub mod error;

@@ -66,69 +66,6 @@ pub fn matmul_t(xs: &Tensor, w: &Tensor) -> Result<Tensor> {
         .reshape(out_dims)
 }
 
-/// `y = x W^T` with `y` computed already: forward returns `y` (arg 2), and
-/// backward gives `x` the gradient `dL/dy W` and nothing to `W`.
-struct FrozenLinearGrad {
-    /// `(out, in)`
-    weight: Tensor,
-}
-
-fn clone_contiguous<S: candle_core::backend::BackendStorage>(
-    s: &S,
-    l: &candle_core::Layout,
-) -> Result<(S, candle_core::Shape)> {
-    if !l.is_contiguous() || l.start_offset() != 0 {
-        candle_core::bail!("frozen-linear: the product must be contiguous")
-    }
-    Ok((s.try_clone(l)?, l.shape().clone()))
-}
-
-impl candle_core::CustomOp2 for FrozenLinearGrad {
-    fn name(&self) -> &'static str {
-        "frozen-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        ys: &candle_core::CpuStorage,
-        l: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        clone_contiguous(ys, l)
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &candle_core::Layout,
-        ys: &candle_core::CudaStorage,
-        l: &candle_core::Layout,
-    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        clone_contiguous(ys, l)
-    }
-
-    fn bwd(
-        &self,
-        _xs: &Tensor,
-        _ys: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dims = grad.dims();
-        let out = dims[dims.len() - 1];
-        let rows = grad.elem_count() / out.max(1);
-        let inp = self.weight.dims()[1];
-        let mut gdims = dims.to_vec();
-        *gdims.last_mut().expect("rank >= 1") = inp;
-        let gx = grad
-            .reshape((rows, out))?
-            .matmul(&self.weight)?
-            .reshape(gdims)?;
-        Ok((Some(gx), None))
-    }
-}
-
 /// A linear layer (`W`, optional bias) with an optional adapter.
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
@@ -188,13 +125,11 @@ impl LoraLinear {
     /// [`FrozenLinearGrad`], whose backward returns only `dL/dx = dL/dy W`.
     pub fn forward_base(&self, xs: &Tensor) -> Result<Tensor> {
         let ys = if xs.track_op() && !self.weight.track_op() {
+            // Frozen weight: the backward gives x its gradient dL/dy W and
+            // computes nothing for W (candle's matmul backward would).
             let ys = matmul_t(&xs.detach(), &self.weight)?;
-            xs.apply_op2(
-                &ys,
-                FrozenLinearGrad {
-                    weight: self.weight.clone(),
-                },
-            )?
+            let w = self.weight.clone();
+            crate::ops::attach_grad(xs, ys, move |g| matmul_t(g, &w.t()?))?
         } else {
             matmul_t(xs, &self.weight)?
         };

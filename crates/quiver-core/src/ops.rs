@@ -14,26 +14,55 @@ fn tracks(ts: &[&Tensor]) -> bool {
 }
 
 type BackwardFn = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+type BackwardFn3 =
+    Box<dyn Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> + Send + Sync>;
+
+/// The storage of a value computed outside the autograd graph, moved out of
+/// its holder exactly once (by the op's forward). The graph then keeps only
+/// the op's output, not a second copy of the value.
+fn take_storage<S>(
+    ys: &std::sync::Mutex<Option<Tensor>>,
+    pick: impl Fn(&candle_core::Storage) -> Option<&S>,
+) -> Result<(S, candle_core::Shape)>
+where
+    S: candle_core::backend::BackendStorage,
+{
+    let ys = ys
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("grad-bridge: poisoned".into()))?
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg("grad-bridge: forward ran twice".into()))?;
+    let (storage, layout) = ys.storage_and_layout();
+    let s = pick(&storage).ok_or_else(|| {
+        candle_core::Error::Msg("grad-bridge: the value is on another device".into())
+    })?;
+    Ok((s.try_clone(&layout)?, layout.shape().clone()))
+}
+
+fn cpu_of(s: &candle_core::Storage) -> Option<&candle_core::CpuStorage> {
+    match s {
+        candle_core::Storage::Cpu(c) => Some(c),
+        _ => None,
+    }
+}
+
+fn cuda_of(s: &candle_core::Storage) -> Option<&candle_core::CudaStorage> {
+    match s {
+        candle_core::Storage::Cuda(c) => Some(c),
+        _ => None,
+    }
+}
 
 /// Reattaches a value computed outside the autograd graph to its input:
-/// forward returns `ys` unchanged, backward maps the output gradient to the
+/// forward returns the value, backward maps the output gradient to the
 /// input gradient with a hand-written function. This is how the fused
 /// kernels (which candle gives no backward) are used while training.
 struct GradBridge {
+    ys: std::sync::Mutex<Option<Tensor>>,
     bwd: BackwardFn,
 }
 
-fn clone_contiguous<S: candle_core::backend::BackendStorage>(
-    s: &S,
-    l: &candle_core::Layout,
-) -> Result<(S, candle_core::Shape)> {
-    if !l.is_contiguous() || l.start_offset() != 0 {
-        candle_core::bail!("grad-bridge: the output must be contiguous")
-    }
-    Ok((s.try_clone(l)?, l.shape().clone()))
-}
-
-impl candle_core::CustomOp2 for GradBridge {
+impl candle_core::CustomOp1 for GradBridge {
     fn name(&self) -> &'static str {
         "grad-bridge"
     }
@@ -42,30 +71,20 @@ impl candle_core::CustomOp2 for GradBridge {
         &self,
         _: &candle_core::CpuStorage,
         _: &candle_core::Layout,
-        ys: &candle_core::CpuStorage,
-        l: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        clone_contiguous(ys, l)
+        take_storage(&self.ys, cpu_of)
     }
 
     fn cuda_fwd(
         &self,
         _: &candle_core::CudaStorage,
         _: &candle_core::Layout,
-        ys: &candle_core::CudaStorage,
-        l: &candle_core::Layout,
     ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        clone_contiguous(ys, l)
+        take_storage(&self.ys, cuda_of)
     }
 
-    fn bwd(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some((self.bwd)(grad)?), None))
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some((self.bwd)(grad)?))
     }
 }
 
@@ -76,7 +95,78 @@ pub fn attach_grad(
     bwd: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
 ) -> Result<Tensor> {
     let ys = ys.contiguous()?;
-    xs.apply_op2(&ys, GradBridge { bwd: Box::new(bwd) })
+    xs.apply_op1_arc(std::sync::Arc::new(Box::new(GradBridge {
+        ys: std::sync::Mutex::new(Some(ys)),
+        bwd: Box::new(bwd),
+    })))
+}
+
+/// [`GradBridge`] for a value of three inputs.
+struct GradBridge3 {
+    ys: std::sync::Mutex<Option<Tensor>>,
+    bwd: BackwardFn3,
+}
+
+impl candle_core::CustomOp3 for GradBridge3 {
+    fn name(&self) -> &'static str {
+        "grad-bridge3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        take_storage(&self.ys, cpu_of)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        take_storage(&self.ys, cuda_of)
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        (self.bwd)(grad)
+    }
+}
+
+/// `ys` (computed from detached copies of `a`, `b`, `c`) with the
+/// gradients `bwd(dL/dys)` flowing to the three inputs.
+pub fn attach_grad3(
+    (a, b, c): (&Tensor, &Tensor, &Tensor),
+    ys: Tensor,
+    bwd: impl Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>
+        + Send
+        + Sync
+        + 'static,
+) -> Result<Tensor> {
+    let ys = ys.contiguous()?;
+    a.apply_op3_arc(
+        b,
+        c,
+        std::sync::Arc::new(Box::new(GradBridge3 {
+            ys: std::sync::Mutex::new(Some(ys)),
+            bwd: Box::new(bwd),
+        })),
+    )
 }
 
 /// RMSNorm over the last dimension: `xs / sqrt(mean(xs^2) + eps) * weight`.

@@ -125,34 +125,78 @@ struct TrainableLora {
     state: Arc<Mutex<DropoutState>>,
 }
 
+impl TrainableLora {
+    /// A dropout keep-mask for `n` inputs, or `None` outside training or
+    /// without dropout: 1 keeps an input (scaled by 1 / (1 - p)), 0 drops it.
+    fn draw_mask(&self, n: usize) -> Option<Vec<u8>> {
+        if self.dropout <= 0.0 {
+            return None;
+        }
+        let mut st = self.state.lock().expect("dropout state");
+        if !st.training {
+            return None;
+        }
+        let threshold = (self.dropout as f64 * u32::MAX as f64) as u32;
+        Some(
+            (0..n)
+                .map(|_| (st.rng.random::<u32>() >= threshold) as u8)
+                .collect(),
+        )
+    }
+}
+
+/// `x * mask / keep` (the dropped-out input).
+fn apply_mask(x: &Tensor, mask: &Tensor, keep: f64) -> candle_core::Result<Tensor> {
+    x.mul(&(mask.to_dtype(x.dtype())? * (1.0 / keep))?)
+}
+
 impl LinearAdapter for TrainableLora {
+    /// `scale * B (A dropout(x))`, PEFT's LoRA, as one graph node with a
+    /// hand-written backward: the graph keeps `x` (alive anyway), a byte
+    /// mask and the rank-r projection, where a composition of candle ops
+    /// would keep the mask, the dropped input and two full-width products
+    /// for every adapted layer.
     fn delta(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let xs = if self.dropout > 0.0 {
-            let mut st = self.state.lock().expect("dropout state");
-            if st.training {
-                let keep = 1.0 - self.dropout;
-                let threshold = (self.dropout as f64 * u32::MAX as f64) as u32;
-                let n = xs.elem_count();
-                let mask: Vec<f32> = (0..n)
-                    .map(|_| {
-                        if st.rng.random::<u32>() >= threshold {
-                            1.0 / keep
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                drop(st);
-                let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
-                (xs * mask)?
-            } else {
-                xs.clone()
-            }
-        } else {
-            xs.clone()
+        let device = xs.device().clone();
+        let mask = match self.draw_mask(xs.elem_count()) {
+            Some(m) => Some(Tensor::from_vec(m, xs.shape(), &device)?),
+            None => None,
         };
-        let ax = matmul_t(&xs, self.a.as_tensor())?;
-        matmul_t(&ax, self.b.as_tensor())? * self.scale
+        let keep = 1.0 - self.dropout as f64;
+        let scale = self.scale;
+        let need_dx = xs.track_op();
+        let x = xs.detach();
+        let (a, b) = (self.a.as_tensor().detach(), self.b.as_tensor().detach());
+        let z = match &mask {
+            Some(m) => matmul_t(&apply_mask(&x, m, keep)?, &a)?,
+            None => matmul_t(&x, &a)?,
+        };
+        let ys = (matmul_t(&z, &b)? * scale)?;
+        crate::ops::attach_grad3((xs, self.a.as_tensor(), self.b.as_tensor()), ys, move |g| {
+            let (r, inp) = a.dims2()?;
+            let out = b.dims()[0];
+            let rows = g.elem_count() / out;
+            let g2 = g.reshape((rows, out))?;
+            let z2 = z.reshape((rows, r))?;
+            // dB = s g^T z, dz = s g B, dA = dz^T xd, dx = (dz A) * mask / keep
+            let db = (g2.t()?.matmul(&z2)? * scale)?;
+            let dz = (g2.matmul(&b)? * scale)?;
+            let x2 = x.reshape((rows, inp))?;
+            let xd = match &mask {
+                Some(m) => apply_mask(&x2, &m.reshape((rows, inp))?, keep)?,
+                None => x2,
+            };
+            let da = dz.t()?.matmul(&xd)?;
+            if !need_dx {
+                return Ok((None, Some(da), Some(db)));
+            }
+            let dx = dz.matmul(&a)?;
+            let dx = match &mask {
+                Some(m) => apply_mask(&dx, &m.reshape((rows, inp))?, keep)?,
+                None => dx,
+            };
+            Ok((Some(dx.reshape(x.shape())?), Some(da), Some(db)))
+        })
     }
 }
 
@@ -713,5 +757,77 @@ pub fn make_expert(
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
         }),
+    }
+}
+
+#[cfg(test)]
+mod fused_lora_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn lora(dropout: f32, seed: u64) -> TrainableLora {
+        let dev = Device::Cpu;
+        TrainableLora {
+            a: Var::randn(0f32, 0.5, (3, 7), &dev).unwrap(),
+            b: Var::randn(0f32, 0.5, (5, 3), &dev).unwrap(),
+            scale: 4.0,
+            dropout,
+            state: Arc::new(Mutex::new(DropoutState {
+                training: true,
+                rng: rand::rngs::SmallRng::seed_from_u64(seed),
+            })),
+        }
+    }
+
+    /// The fused LoRA node equals the plain composition `s B(A(x * m / keep))`
+    /// in value and in the gradients of x, A and B, with and without dropout.
+    #[test]
+    fn fused_lora_matches_the_composition() {
+        for p in [0.0f32, 0.3] {
+            let l = lora(p, 9);
+            let x = Var::randn(0f32, 1.0, (2, 4, 7), &Device::Cpu).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (2, 4, 5), &Device::Cpu).unwrap();
+            let y = l.delta(x.as_tensor()).unwrap();
+            let g1 = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+
+            // The same mask, drawn again from the same seed.
+            let keep = 1.0 - p as f64;
+            let mut rng = rand::rngs::SmallRng::seed_from_u64(9);
+            let threshold = (p as f64 * u32::MAX as f64) as u32;
+            let m: Vec<f32> = (0..x.elem_count())
+                .map(|_| {
+                    if p == 0.0 || rng.random::<u32>() >= threshold {
+                        (1.0 / keep) as f32
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let m = Tensor::from_vec(m, x.shape(), &Device::Cpu).unwrap();
+            let xd = (x.as_tensor() * &m).unwrap();
+            let y2 = (matmul_t(&matmul_t(&xd, l.a.as_tensor()).unwrap(), l.b.as_tensor()).unwrap()
+                * l.scale)
+                .unwrap();
+            let g2 = (&y2 * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let close = |a: &Tensor, b: &Tensor, what: &str| {
+                let d = (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(d < 1e-4, "p = {p}, {what}: max diff {d}");
+            };
+            close(&y, &y2, "value");
+            for (t, what) in [
+                (x.as_tensor(), "dx"),
+                (l.a.as_tensor(), "dA"),
+                (l.b.as_tensor(), "dB"),
+            ] {
+                close(g1.get(t).unwrap(), g2.get(t).unwrap(), what);
+            }
+        }
     }
 }
