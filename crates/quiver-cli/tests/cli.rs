@@ -2,46 +2,11 @@
 //! one clear sentence and a non-zero exit, and on the real model (after
 //! `quiver fetch smollm2-135m`) the acceptance numbers hold.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn quiver() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_quiver"))
-}
+use common::{assert_clean_error, fixture, quiver, run};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../quiver-core/tests/fixtures")
-        .join(name)
-}
-
-fn run(cmd: &mut Command) -> (Output, String, String) {
-    let out = cmd.output().expect("quiver runs");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    (out, stdout, stderr)
-}
-
-/// Fails the test unless the command failed cleanly: non-zero exit, one
-/// `error:` line that contains every `needle`, and no panic.
-fn assert_clean_error(cmd: &mut Command, needles: &[&str]) {
-    let (out, _, stderr) = run(cmd);
-    assert!(
-        !out.status.success(),
-        "expected failure, got success; stderr: {stderr}"
-    );
-    assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    assert!(
-        !stderr.contains("RUST_BACKTRACE"),
-        "backtrace hint: {stderr}"
-    );
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "one line of error, got: {stderr}");
-    assert!(lines[0].starts_with("error: "), "{stderr}");
-    for n in needles {
-        assert!(stderr.contains(n), "error should mention `{n}`: {stderr}");
-    }
-}
+use std::path::Path;
 
 fn copy_dir(src: &Path, dst: &Path) {
     std::fs::create_dir_all(dst).unwrap();

@@ -2,56 +2,12 @@
 //! is trained on a tiny model and used by `score`; bad data and bad
 //! adapters fail with one sentence and leave the library as it was.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn quiver() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_quiver"))
-}
+use common::{assert_clean_error, fixture, quiver, run, snapshot};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../quiver-core/tests/fixtures")
-        .join(name)
-}
-
-fn run(cmd: &mut Command) -> (Output, String, String) {
-    let out = cmd.output().expect("quiver runs");
-    (
-        out.clone(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn assert_clean_error(cmd: &mut Command, needles: &[&str]) {
-    let (out, _, stderr) = run(cmd);
-    assert!(!out.status.success(), "expected failure; stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "one line of error, got: {stderr}");
-    for n in needles {
-        assert!(stderr.contains(n), "error should mention `{n}`: {stderr}");
-    }
-}
-
-/// Every file under `dir` with its bytes, to prove nothing changed.
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.insert(p.clone(), std::fs::read(&p).unwrap());
-            }
-        }
-    }
-    out
-}
+use std::path::Path;
+use std::process::Output;
 
 fn write_data(path: &Path) {
     let mut lines = String::new();

@@ -36,7 +36,7 @@ where
     let s = pick(&storage).ok_or_else(|| {
         candle_core::Error::Msg("grad-bridge: the value is on another device".into())
     })?;
-    Ok((s.try_clone(&layout)?, layout.shape().clone()))
+    Ok((s.try_clone(layout)?, layout.shape().clone()))
 }
 
 fn cpu_of(s: &candle_core::Storage) -> Option<&candle_core::CpuStorage> {
