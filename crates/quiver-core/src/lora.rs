@@ -73,7 +73,14 @@ pub struct LoraLinear {
     weight: Tensor,
     bias: Option<Tensor>,
     adapter: Option<Arc<dyn LinearAdapter>>,
+    /// The weight quantized for small-batch inference ([`LoraLinear::quantize`]).
+    quantized: Option<Arc<candle_core::quantized::QMatMul>>,
 }
+
+/// Inputs with at most this many rows use the quantized weight when there
+/// is one: token-by-token decoding, where reading the weight from memory
+/// is the whole cost. Larger batches are compute-bound and stay in f32.
+pub const QUANTIZED_MAX_ROWS: usize = 8;
 
 impl LoraLinear {
     /// `name` is the module path as in Hugging Face checkpoints, e.g.
@@ -84,7 +91,30 @@ impl LoraLinear {
             weight,
             bias,
             adapter: None,
+            quantized: None,
         }
+    }
+
+    /// Keeps a copy of the weight quantized to `dtype` (e.g. Q8_0: 8 bits
+    /// per weight plus one scale per 32) for inputs of at most
+    /// [`QUANTIZED_MAX_ROWS`] rows that carry no gradient; the adapter and
+    /// the bias still run in the model's dtype. Returns `false` (and keeps
+    /// the layer as it is) when the input size is not a multiple of the
+    /// quantization block or the weight is not on the CPU.
+    pub fn quantize(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<bool> {
+        let inp = self.weight.dims()[1];
+        if inp % dtype.block_size() != 0 || !self.weight.device().is_cpu() {
+            return Ok(false);
+        }
+        let w = self.weight.to_dtype(candle_core::DType::F32)?;
+        let q = candle_core::quantized::QTensor::quantize(&w, dtype)?;
+        self.quantized = Some(Arc::new(candle_core::quantized::QMatMul::from_qtensor(q)?));
+        Ok(true)
+    }
+
+    /// Whether [`LoraLinear::quantize`] gave this layer a quantized weight.
+    pub fn is_quantized(&self) -> bool {
+        self.quantized.is_some()
     }
 
     pub fn name(&self) -> &str {
@@ -124,7 +154,13 @@ impl LoraLinear {
     /// layer. The product is computed outside the graph and reattached with
     /// [`FrozenLinearGrad`], whose backward returns only `dL/dx = dL/dy W`.
     pub fn forward_base(&self, xs: &Tensor) -> Result<Tensor> {
-        let ys = if xs.track_op() && !self.weight.track_op() {
+        let rows = xs.elem_count() / self.in_features().max(1);
+        let quantized = self.quantized.as_ref().filter(|_| {
+            rows <= QUANTIZED_MAX_ROWS && !xs.track_op() && xs.dtype() == candle_core::DType::F32
+        });
+        let ys = if let Some(q) = quantized {
+            q.forward(&xs.contiguous()?)?
+        } else if xs.track_op() && !self.weight.track_op() {
             // Frozen weight: the backward gives x its gradient dL/dy W and
             // computes nothing for W (candle's matmul backward would).
             let ys = matmul_t(&xs.detach(), &self.weight)?;
@@ -164,6 +200,32 @@ impl Module for LoraLinear {
 mod tests {
     use super::*;
     use candle_core::{Device, D};
+
+    #[test]
+    fn quantized_weight_serves_small_batches_only() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (48, 64), &dev)?;
+        let mut lin = LoraLinear::new("x", w, None);
+        let exact = lin.clone();
+        assert!(lin.quantize(candle_core::quantized::GgmlDType::Q8_0)?);
+        let rel = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            let d = (a - b)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+            let n = b.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+            Ok(d / n)
+        };
+        // One decoding row: the 8-bit weight, within Q8_0's rounding.
+        let x1 = Tensor::randn(0f32, 1.0, (1, 1, 64), &dev)?;
+        let e = rel(&lin.forward(&x1)?, &exact.forward(&x1)?)?;
+        assert!(e > 0.0 && e < 0.02, "relative error {e}");
+        // A batch: the f32 weight, bit for bit.
+        let xb = Tensor::randn(0f32, 1.0, (4, 16, 64), &dev)?;
+        assert_eq!(rel(&lin.forward(&xb)?, &exact.forward(&xb)?)?, 0.0);
+        // An input size that is not a multiple of the block stays f32.
+        let mut odd = LoraLinear::new("y", Tensor::randn(0f32, 1.0, (8, 40), &dev)?, None);
+        assert!(!odd.quantize(candle_core::quantized::GgmlDType::Q8_0)?);
+        assert!(!odd.is_quantized());
+        Ok(())
+    }
 
     #[test]
     fn frozen_linear_gradient_equals_plain_matmul() -> Result<()> {

@@ -72,7 +72,16 @@ pub fn load_model(g: &GlobalArgs, m: &ModelArgs) -> Result<LoadedModel> {
     let device = parse_device(&m.device)?;
     let dtype = parse_dtype(&m.dtype)?;
     let sp = crate::progress::spinner(g, &format!("loading {}", m.model));
-    let loaded = quiver_core::load(&m.model, &device, dtype);
+    let quantize = match m.quantize.as_str() {
+        "none" => None,
+        "q8_0" | "q8" => Some(candle_core::quantized::GgmlDType::Q8_0),
+        other => bail!("--quantize `{other}`: expected none or q8_0"),
+    };
+    let mut loaded = quiver_core::load(&m.model, &device, dtype);
+    if let (Ok(lm), Some(q)) = (loaded.as_mut(), quantize) {
+        let n = lm.model.quantize(q)?;
+        tracing::info!("{n} linear layers quantized to {q:?} for decoding");
+    }
     sp.finish_and_clear();
     Ok(loaded?)
 }

@@ -301,6 +301,16 @@ impl Llama {
         out
     }
 
+    /// Quantizes every linear layer's weight for small-batch inference
+    /// ([`LoraLinear::quantize`]); returns how many layers took it.
+    pub fn quantize(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<usize> {
+        let mut n = 0;
+        for l in self.linears_mut() {
+            n += l.quantize(dtype)? as usize;
+        }
+        Ok(n)
+    }
+
     pub fn linears_mut(&mut self) -> Vec<&mut LoraLinear> {
         let mut out = Vec::with_capacity(self.layers.len() * 7 + 1);
         for b in &mut self.layers {
