@@ -103,7 +103,7 @@ impl LoraLinear {
     /// quantization block or the weight is not on the CPU.
     pub fn quantize(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<bool> {
         let inp = self.weight.dims()[1];
-        if inp % dtype.block_size() != 0 || !self.weight.device().is_cpu() {
+        if !inp.is_multiple_of(dtype.block_size()) || !self.weight.device().is_cpu() {
             return Ok(false);
         }
         let w = self.weight.to_dtype(candle_core::DType::F32)?;
