@@ -1,18 +1,44 @@
 //! Metrics of generated answers (exact match, Rouge-L) and the standard
 //! error of a mean.
 
+const NUMBER_WORDS: [&str; 21] = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+    "twenty",
+];
+
 /// Text normalised for exact match: surrounding whitespace and quotes
 /// dropped, inner whitespace collapsed, lower case, one trailing period
-/// removed.
+/// removed, and a whole answer that is a number word from zero to twenty
+/// written as digits (BIG-bench's object_counting says "four" where
+/// BIG-Bench-Hard and most models say "4").
 pub fn normalize_answer(s: &str) -> String {
     let collapsed = s.split_whitespace().collect::<Vec<_>>().join(" ");
     let lower = collapsed.to_lowercase();
     let trimmed = lower.trim_matches(|c| c == '"' || c == '\'' || c == '`');
-    trimmed
-        .strip_suffix('.')
-        .unwrap_or(trimmed)
-        .trim()
-        .to_string()
+    let out = trimmed.strip_suffix('.').unwrap_or(trimmed).trim();
+    match NUMBER_WORDS.iter().position(|w| *w == out) {
+        Some(n) => n.to_string(),
+        None => out.to_string(),
+    }
 }
 
 /// Whether `prediction` equals `target` after [`normalize_answer`].
@@ -86,6 +112,9 @@ mod tests {
         assert!(exact_match("a  b\nc", "a b c"));
         assert!(!exact_match("True", "False"));
         assert!(!exact_match("12", "1"));
+        assert!(exact_match("4", "four"));
+        assert!(exact_match("Four.", "4"));
+        assert!(!exact_match("four apples", "4"));
     }
 
     #[test]
