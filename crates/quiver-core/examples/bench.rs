@@ -8,6 +8,8 @@
 
 use std::time::Instant;
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use quiver_core::generate::{generate, SamplingParams};
 use quiver_core::lora::{LoraConfig, TargetModules};
@@ -30,7 +32,12 @@ fn parse_args() -> Args {
         threads: 2,
         quick: false,
         out: None,
-        sections: vec!["train".into(), "score".into(), "generate".into()],
+        sections: vec![
+            "train".into(),
+            "score".into(),
+            "generate".into(),
+            "arrow".into(),
+        ],
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -150,6 +157,53 @@ fn main() -> anyhow::Result<()> {
         out["generate_q8"] =
             serde_json::json!({"tokens_per_s": 64.0 / t, "new_tokens": 64, "quantized_layers": n});
         eprintln!("generate (Q8_0 weights): {:.1} tokens/s", 64.0 / t);
+    }
+
+    if args.sections.iter().any(|s| s == "arrow") {
+        // Arrow-routed scoring as the peer measures PEFT's create_arrow_model:
+        // random r=4 q/k/v/o experts, top-4, the full forward with logits.
+        use quiver_core::routing::{arrow_prototypes, install, Route, RouteOptions, SvdMethod};
+        use rand::SeedableRng;
+        let ids = Tensor::from_vec(
+            random_ids(b_sz * seq_len, vocab, 3),
+            (b_sz, seq_len),
+            &Device::Cpu,
+        )?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+        let experts: Vec<_> = (0..64)
+            .map(|i| common::random_expert(&lm.model, format!("e{i}"), &mut rng))
+            .collect();
+        let mut arrow = serde_json::Map::new();
+        for n in [8usize, 64] {
+            let t = Instant::now();
+            let protos = arrow_prototypes(&experts[..n], SvdMethod::CholeskyQr)?;
+            let mut routed = lm.model.clone();
+            let opts = RouteOptions {
+                top_k: Some(4),
+                ..RouteOptions::default()
+            };
+            install(
+                &mut routed,
+                &experts[..n],
+                &Route::Arrow,
+                Some(&protos),
+                &opts,
+                None,
+            )?;
+            let build_s = t.elapsed().as_secs_f64();
+            let t = time_median(reps, || {
+                routed.forward(&ids, None).expect("forward");
+            });
+            arrow.insert(
+                n.to_string(),
+                serde_json::json!({"tokens_per_s": (b_sz * seq_len) as f64 / t, "forward_s": t, "build_s": build_s, "experts": n, "top_k": 4}),
+            );
+            eprintln!(
+                "arrow-{n}: {:.0} tokens/s (prototypes + install {build_s:.2}s)",
+                (b_sz * seq_len) as f64 / t
+            );
+        }
+        out["arrow"] = serde_json::Value::Object(arrow);
     }
 
     if args.sections.iter().any(|s| s == "train") {

@@ -17,12 +17,13 @@
 //! the time ratio the median over (base, routed) pairs, so load from other
 //! processes hits both sides of a ratio alike.
 
-use std::collections::BTreeMap;
 use std::time::Instant;
+
+mod common;
+use common::random_expert;
 
 use candle_core::{Device, Tensor};
 use quiver_core::expert::Expert;
-use quiver_core::lora::LoraConfig;
 use quiver_core::models::{Llama, LlamaConfig, WeightMap};
 use quiver_core::routing::{
     arrow_prototypes, install, MixMode, Route, RouteOptions, RoutePath, SvdMethod,
@@ -99,31 +100,6 @@ fn smollm2_config(layers: usize) -> LlamaConfig {
         "rope_theta": 100000.0, "tie_word_embeddings": true
     }))
     .expect("valid config")
-}
-
-fn random_expert(model: &Llama, name: String, rng: &mut rand::rngs::StdRng) -> Expert {
-    let config = LoraConfig::default(); // rank 4, alpha 16, q/k/v/o
-    let mut weights = BTreeMap::new();
-    for lin in model.linears() {
-        if lin.name() == "lm_head" || !config.target_modules.matches(lin.name()) {
-            continue;
-        }
-        let mut m = |rows: usize, cols: usize, std: f32| {
-            let v: Vec<f32> = (0..rows * cols)
-                .map(|_| std * (rng.random::<f32>() * 2.0 - 1.0) * 1.732)
-                .collect();
-            Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
-        };
-        let a = m(4, lin.in_features(), 0.02);
-        let b = m(lin.out_features(), 4, 0.02);
-        weights.insert(lin.name().to_string(), (a, b));
-    }
-    Expert {
-        name,
-        config,
-        weights,
-        info: None,
-    }
 }
 
 /// Wraps a layer's adapter to add up the time spent in it.
