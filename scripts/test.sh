@@ -26,8 +26,8 @@ say "building"
 cargo build --release --locked
 quiver="$root/target/release/quiver"
 
-say "fetching the default model"
-"$quiver" fetch --no-progress smollm2-135m
+say "fetching the default model and the held-out evaluation tasks"
+"$quiver" fetch --no-progress smollm2-135m olmo-tasks
 
 if [ "${QUIVER_SKIP_PYTHON:-0}" = "1" ]; then
   say "Rust tests (real model required; S3 tests skipped without moto)"
