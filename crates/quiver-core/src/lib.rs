@@ -9,6 +9,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod expert;
+pub mod fsutil;
 pub mod generate;
 pub mod library;
 pub mod lora;

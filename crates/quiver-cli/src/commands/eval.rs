@@ -2,13 +2,14 @@
 //! expert, a merge or a routed library (METHOD.md section 4).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use quiver_core::eval::{self, EvalMode, EvalOptions, EvalReport, EvalSplit};
+use quiver_core::fsutil::write_atomic;
 
 use crate::args::{GlobalArgs, ModelArgs};
 use crate::commands::route::RouteArgs;
@@ -52,26 +53,6 @@ pub struct EvalArgs {
     /// Write every item's scores or generated answer to FILE as JSON lines.
     #[arg(long, value_name = "FILE")]
     pub predictions: Option<PathBuf>,
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} is not a file path", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
 }
 
 fn parse_mode(s: &str) -> Result<Option<EvalMode>> {

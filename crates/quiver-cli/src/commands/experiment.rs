@@ -26,7 +26,7 @@ use quiver_core::data::{is_held_out, DataSource};
 use quiver_core::eval::EvalReport;
 
 use crate::args::GlobalArgs;
-use crate::commands::eval::write_atomic;
+use quiver_core::fsutil::write_atomic;
 
 /// The demo's configuration, also kept in the repository as
 /// `configs/demo.toml`.

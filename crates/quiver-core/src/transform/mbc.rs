@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::expert::Expert;
+use crate::fsutil::write_atomic;
 
 use super::kmeans::kmeans;
 use super::svd::{sparsify, truncated_svd_embed};
@@ -226,24 +227,6 @@ impl Clustering {
 /// directory (`LIB/.aux/NAME`); `ExpertLibrary` will take this over.
 fn aux_path(library: &Path, name: &str) -> PathBuf {
     library.join(".aux").join(name)
-}
-
-/// Writes `bytes` to `path` through a temporary sibling and one rename, so
-/// readers never see half a file.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(dir, e))?;
-    tmp.write_all(bytes).map_err(|e| Error::io(tmp.path(), e))?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
 }
 
 /// Loads every expert of a library directory (one sub-directory per
