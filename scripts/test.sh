@@ -31,7 +31,7 @@ say "fetching the default model and the held-out evaluation tasks"
 
 if [ "${QUIVER_SKIP_PYTHON:-0}" = "1" ]; then
   say "Rust tests (real model required; S3 tests skipped without moto)"
-  QUIVER_REQUIRE_ASSETS=1 cargo test --workspace --locked
+  QUIVER_REQUIRE_ASSETS=1 cargo test --release --workspace --locked
   say "skipping Python interop checks (QUIVER_SKIP_PYTHON=1)"
   exit 0
 fi
@@ -47,7 +47,7 @@ fi
 py="$venv/bin/python"
 
 say "Rust tests (real model and S3 server required)"
-QUIVER_REQUIRE_ASSETS=1 QUIVER_REQUIRE_S3=1 QUIVER_PYTHON="$py" cargo test --workspace --locked
+QUIVER_REQUIRE_ASSETS=1 QUIVER_REQUIRE_S3=1 QUIVER_PYTHON="$py" cargo test --release --workspace --locked
 
 say "Python interop: transformers loads what quiver convert writes"
 work=$(mktemp -d)
