@@ -88,14 +88,14 @@ impl Attention {
     }
 
     /// # Shapes
-    /// * `xs`: `(b_sz, seq_len, hidden)`; `cos`, `sin`: `(seq_len, head_dim / 2)`;
-    ///   `mask`: `(seq_len, kv_len)` additive, or `None` for one query.
+    /// * `xs`: `(b_sz, seq_len, hidden)`; `cos`, `sin`: `(seq_len, head_dim / 2)`.
+    ///
+    /// Attention is causal: query `i` sees the cached keys and keys `0..=i`.
     fn forward(
         &self,
         xs: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let (b_sz, seq_len, _) = xs.dims3()?;
@@ -128,13 +128,8 @@ impl Attention {
         let rep = nh / nkv;
         let q = q.contiguous()?.reshape((b_sz, nkv, rep * seq_len, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?;
-        let att = att.reshape((b_sz, nh, seq_len, kv_len))?;
-        let att = match mask {
-            Some(m) => att.broadcast_add(m)?,
-            None => att,
-        };
-        let att = ops::softmax_last_dim(&att)?;
+        let att = q.matmul(&k.t()?)?.reshape((b_sz, nh, seq_len, kv_len))?;
+        let att = ops::causal_softmax(&att, scale)?;
         let att = att.reshape((b_sz, nkv, rep * seq_len, kv_len))?;
         let ys = att.matmul(&v)?; // (b, nkv, rep * seq, hd)
         let ys = ys
@@ -163,9 +158,9 @@ impl Mlp {
     }
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = self.gate_proj.forward(xs)?.silu()?;
+        let gate = self.gate_proj.forward(xs)?;
         let up = self.up_proj.forward(xs)?;
-        self.down_proj.forward(&(gate * up)?)
+        self.down_proj.forward(&ops::silu_mul(&gate, &up)?)
     }
 }
 
@@ -197,11 +192,10 @@ impl Block {
         xs: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let h = ops::rms_norm(xs, &self.input_layernorm, self.eps)?;
-        let xs = (xs + self.self_attn.forward(&h, cos, sin, mask, cache)?)?;
+        let xs = (xs + self.self_attn.forward(&h, cos, sin, cache)?)?;
         let h = ops::rms_norm(&xs, &self.post_attention_layernorm, self.eps)?;
         Ok((&xs + self.mlp.forward(&h)?)?)
     }
@@ -396,20 +390,15 @@ impl Llama {
             .reshape((b_sz, seq_len, self.cfg.hidden_size))?;
         let cos = self.cos.narrow(0, offset, seq_len)?;
         let sin = self.sin.narrow(0, offset, seq_len)?;
-        let mask = if seq_len > 1 {
-            Some(causal_mask(seq_len, offset, self.dtype, &self.device)?)
-        } else {
-            None
-        };
         match cache {
             None => {
                 for block in &self.layers {
-                    xs = block.forward(&xs, &cos, &sin, mask.as_ref(), None)?;
+                    xs = block.forward(&xs, &cos, &sin, None)?;
                 }
             }
             Some(cache) => {
                 for (block, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-                    xs = block.forward(&xs, &cos, &sin, mask.as_ref(), Some(slot))?;
+                    xs = block.forward(&xs, &cos, &sin, Some(slot))?;
                 }
             }
         }
@@ -440,23 +429,6 @@ impl Llama {
         let last = hidden.narrow(1, seq_len - 1, 1)?.squeeze(1)?;
         self.logits(&last)
     }
-}
-
-/// Additive causal mask for `seq_len` queries after `offset` cached keys.
-fn causal_mask(seq_len: usize, offset: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let kv_len = offset + seq_len;
-    let mask: Vec<f32> = (0..seq_len)
-        .flat_map(|i| {
-            (0..kv_len).map(move |j| {
-                if j > i + offset {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Ok(Tensor::from_vec(mask, (seq_len, kv_len), device)?.to_dtype(dtype)?)
 }
 
 #[cfg(test)]

@@ -1,0 +1,603 @@
+//! Fused CPU kernels for the elementwise parts of a forward and backward
+//! pass: SiLU-gated products (the MLP), the scaled causal softmax of
+//! attention, and the cross-entropy's softmax over the vocabulary.
+//!
+//! candle runs these as chains of separate ops, each a full pass over
+//! memory with a scalar `exp` per element; on a CPU these passes cost a
+//! large share of a step once the matmuls are fast. Each kernel here is
+//! one pass (two for a softmax row) with an 8-lane AVX2 + FMA `exp` where
+//! the CPU has it, the portable scalar loop elsewhere, and work split over
+//! candle's thread pool (the one its matmuls use) when a tensor is large
+//! enough to pay for it. [`crate::ops`] wraps them as differentiable ops
+//! and tests them against the plain compositions.
+
+use std::ops::Range;
+
+/// Below this many elements a kernel runs on the calling thread: waking
+/// the pool costs more than the work.
+const PAR_MIN_ELEMS: usize = 1 << 15;
+
+/// Whether the 8-lane kernels can run (checked once, then cached by std).
+#[inline]
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A raw pointer that may cross threads: every user writes only the rows
+/// of the range it was handed, so writes never overlap.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: see the type's documentation; each range is written by one thread.
+unsafe impl Send for Shared {}
+// SAFETY: as above.
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// # Safety
+    /// `rows` times `cols` must lie inside the buffer, and no other thread
+    /// may touch those rows while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn rows(&self, rows: &Range<usize>, cols: usize) -> &mut [f32] {
+        // SAFETY: guaranteed by the caller.
+        unsafe { self.span(rows.start * cols, rows.len() * cols) }
+    }
+
+    /// # Safety
+    /// `lo..lo + len` must lie inside the buffer, and no other thread may
+    /// touch it while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn span(&self, lo: usize, len: usize) -> &mut [f32] {
+        // SAFETY: guaranteed by the caller.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(lo), len) }
+    }
+}
+
+/// Calls `f` on ranges of rows covering `0..n_rows`, in parallel when the
+/// work is large.
+fn par_rows(n_rows: usize, cols: usize, f: impl Fn(Range<usize>) + Sync) {
+    if n_rows < 2 || n_rows * cols < PAR_MIN_ELEMS {
+        f(0..n_rows);
+        return;
+    }
+    candle_core::utils::barrier_pool().execute_chunked(n_rows, f);
+}
+
+/// Splits a flat elementwise job into rows of this length for [`par_rows`].
+const FLAT_ROW: usize = 1024;
+
+/// `y = silu(g) * u = g * sigmoid(g) * u`, elementwise.
+pub fn silu_mul(g: &[f32], u: &[f32], y: &mut [f32]) {
+    assert!(g.len() == u.len() && g.len() == y.len(), "silu_mul: lengths");
+    let n = g.len();
+    let out = Shared(y.as_mut_ptr());
+    par_rows(n.div_ceil(FLAT_ROW), FLAT_ROW, |rows| {
+        let (lo, hi) = (rows.start * FLAT_ROW, (rows.end * FLAT_ROW).min(n));
+        // SAFETY: lo..hi is this call's own part of `y`.
+        let y = unsafe { out.span(lo, hi - lo) };
+        slice::silu_mul(&g[lo..hi], &u[lo..hi], y);
+    });
+}
+
+/// Gradients of [`silu_mul`]: `dg = dy * u * s * (1 + g (1 - s))` and
+/// `du = dy * g * s`, with `s = sigmoid(g)`.
+pub fn silu_mul_backward(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    let n = g.len();
+    assert!(
+        u.len() == n && dy.len() == n && dg.len() == n && du.len() == n,
+        "silu_mul_backward: lengths"
+    );
+    let (pg, pu) = (Shared(dg.as_mut_ptr()), Shared(du.as_mut_ptr()));
+    par_rows(n.div_ceil(FLAT_ROW), FLAT_ROW, |rows| {
+        let (lo, hi) = (rows.start * FLAT_ROW, (rows.end * FLAT_ROW).min(n));
+        // SAFETY: lo..hi is this call's own part of `dg` and `du`.
+        let (dg, du) = unsafe { (pg.span(lo, hi - lo), pu.span(lo, hi - lo)) };
+        slice::silu_mul_backward(&g[lo..hi], &u[lo..hi], &dy[lo..hi], dg, du);
+    });
+}
+
+/// Softmax of `scale * x` over each row of `cols` values, causally masked:
+/// rows come in groups of `seq` queries (row `r` is query `r % seq`), and
+/// query `i` sees keys `0..=offset + i` (`offset` keys were cached before
+/// the first query); masked entries of `y` are 0.
+pub fn causal_softmax(x: &[f32], y: &mut [f32], cols: usize, seq: usize, offset: usize, scale: f32) {
+    assert!(x.len() == y.len() && cols > 0 && seq > 0, "causal_softmax: shapes");
+    assert!(x.len() % cols == 0, "causal_softmax: ragged rows");
+    let out = Shared(y.as_mut_ptr());
+    par_rows(x.len() / cols, cols, |rows| {
+        // SAFETY: each range of rows is written by one call only.
+        let y = unsafe { out.rows(&rows, cols) };
+        for (k, r) in rows.enumerate() {
+            let valid = (offset + r % seq + 1).min(cols);
+            let (xr, yr) = (&x[r * cols..r * cols + valid], &mut y[k * cols..(k + 1) * cols]);
+            let m = scale * slice::max(xr);
+            let sum = slice::exp_affine(xr, scale, m, &mut yr[..valid]);
+            slice::scale(&mut yr[..valid], 1.0 / sum);
+            yr[valid..].fill(0.0);
+        }
+    });
+}
+
+/// Backward of a softmax of `scale * x` over rows of `cols`:
+/// `dx = scale * y * (dy - <dy, y>)` (masked entries have `y = 0`).
+pub fn softmax_backward(y: &[f32], dy: &[f32], dx: &mut [f32], cols: usize, scale: f32) {
+    assert!(y.len() == dy.len() && y.len() == dx.len() && cols > 0 && y.len() % cols == 0);
+    let out = Shared(dx.as_mut_ptr());
+    par_rows(y.len() / cols, cols, |rows| {
+        // SAFETY: each range of rows is written by one call only.
+        let dx = unsafe { out.rows(&rows, cols) };
+        for (k, r) in rows.enumerate() {
+            let (yr, gr) = (&y[r * cols..(r + 1) * cols], &dy[r * cols..(r + 1) * cols]);
+            let d = slice::dot(yr, gr);
+            for ((o, &yv), &gv) in dx[k * cols..(k + 1) * cols].iter_mut().zip(yr).zip(gr) {
+                *o = scale * yv * (gv - d);
+            }
+        }
+    });
+}
+
+/// `log(sum(exp(x)))` of each row of `cols` values.
+pub fn logsumexp_rows(x: &[f32], cols: usize) -> Vec<f32> {
+    assert!(cols > 0 && x.len() % cols == 0, "logsumexp_rows: ragged rows");
+    let n = x.len() / cols;
+    let mut lse = vec![0f32; n];
+    let out = Shared(lse.as_mut_ptr());
+    // One scratch row per call: `exp_affine` needs somewhere to write.
+    par_rows(n, cols, |rows| {
+        // SAFETY: each range of rows is written by one call only.
+        let lse = unsafe { out.rows(&rows, 1) };
+        let mut scratch = vec![0f32; cols];
+        for (k, r) in rows.enumerate() {
+            let xr = &x[r * cols..(r + 1) * cols];
+            let m = slice::max(xr);
+            lse[k] = m + slice::exp_affine(xr, 1.0, m, &mut scratch).ln();
+        }
+    });
+    lse
+}
+
+/// The cross-entropy's gradient: `dx = g * (exp(x - lse) - onehot(target))`
+/// for each row of `cols` values.
+pub fn softmax_minus_onehot(
+    x: &[f32],
+    lse: &[f32],
+    targets: &[u32],
+    g: f32,
+    dx: &mut [f32],
+    cols: usize,
+) {
+    let n = lse.len();
+    assert!(x.len() == n * cols && dx.len() == x.len() && targets.len() == n);
+    let out = Shared(dx.as_mut_ptr());
+    par_rows(n, cols, |rows| {
+        // SAFETY: each range of rows is written by one call only.
+        let dx = unsafe { out.rows(&rows, cols) };
+        for (k, r) in rows.enumerate() {
+            let d = &mut dx[k * cols..(k + 1) * cols];
+            slice::exp_affine(&x[r * cols..(r + 1) * cols], 1.0, lse[r], d);
+            if let Some(t) = d.get_mut(targets[r] as usize) {
+                *t -= 1.0;
+            }
+            slice::scale(d, g);
+        }
+    });
+}
+
+/// Slice primitives, dispatched to AVX2 + FMA or the portable loops.
+mod slice {
+    use super::avx2;
+
+    /// `y = exp(scale * x - m)`; returns `sum(y)`.
+    pub fn exp_affine(x: &[f32], scale: f32, m: f32, y: &mut [f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            return unsafe { super::simd::exp_affine(x, scale, m, y) };
+        }
+        let mut sum = 0f32;
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = (scale * v - m).exp();
+            sum += *o;
+        }
+        sum
+    }
+
+    /// The largest value (NaN if any value is NaN; -inf when empty).
+    pub fn max(x: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: as for `exp_affine`.
+            return unsafe { super::simd::max(x) };
+        }
+        x.iter().fold(f32::NEG_INFINITY, |m, &v| {
+            if v.is_nan() || m.is_nan() {
+                f32::NAN
+            } else {
+                m.max(v)
+            }
+        })
+    }
+
+    pub fn scale(y: &mut [f32], c: f32) {
+        y.iter_mut().for_each(|v| *v *= c);
+    }
+
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+        // Eight partial sums: vectorises without reassociating one sum.
+        let mut acc = [0f32; 8];
+        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+        let (ta, tb) = (ca.remainder(), cb.remainder());
+        for (x, y) in ca.zip(cb) {
+            for l in 0..8 {
+                acc[l] += x[l] * y[l];
+            }
+        }
+        let tail: f32 = ta.iter().zip(tb).map(|(x, y)| x * y).sum();
+        acc.iter().sum::<f32>() + tail
+    }
+
+    pub fn silu_mul(g: &[f32], u: &[f32], y: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: as for `exp_affine`.
+            return unsafe { super::simd::silu_mul(g, u, y) };
+        }
+        for ((o, &gv), &uv) in y.iter_mut().zip(g).zip(u) {
+            *o = gv / (1.0 + (-gv).exp()) * uv;
+        }
+    }
+
+    pub fn silu_mul_backward(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: as for `exp_affine`.
+            return unsafe { super::simd::silu_mul_backward(g, u, dy, dg, du) };
+        }
+        for i in 0..g.len() {
+            let s = 1.0 / (1.0 + (-g[i]).exp());
+            dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+            du[i] = dy[i] * g[i] * s;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    /// `exp` of 8 lanes: Cody-Waite range reduction to `r` in
+    /// `[-ln2/2, ln2/2]`, Cephes' degree-6 polynomial, then `2^n` by the
+    /// exponent bits. Relative error about 2e-7; inputs are clamped to
+    /// `[-87.3, 88.37]` (so `exp(-inf)` is 1e-38, not 0, and large inputs
+    /// give 2.4e38, not inf); NaN stays NaN.
+    #[target_feature(enable = "avx2,fma")]
+    fn exp8(x: __m256) -> __m256 {
+        // `min`/`max` return their second operand when either is NaN.
+        let x = _mm256_min_ps(_mm256_set1_ps(88.376_26), x);
+        let x = _mm256_max_ps(_mm256_set1_ps(-87.3), x);
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let r2 = _mm256_mul_ps(r, r);
+        let y = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(y, _mm256_castsi256_ps(bits))
+    }
+
+    /// The first `n` (< 8) values of `x` in a lane buffer, the rest `fill`.
+    fn tail(x: &[f32], fill: f32) -> [f32; 8] {
+        let mut b = [fill; 8];
+        b[..x.len()].copy_from_slice(x);
+        b
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let mut l = [0f32; 8];
+        // SAFETY: `l` holds 8 values.
+        unsafe { _mm256_storeu_ps(l.as_mut_ptr(), v) };
+        (l[0] + l[4]) + (l[1] + l[5]) + ((l[2] + l[6]) + (l[3] + l[7]))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn exp_affine(x: &[f32], scale: f32, m: f32, y: &mut [f32]) -> f32 {
+        assert_eq!(x.len(), y.len());
+        let (sv, mv) = (_mm256_set1_ps(scale), _mm256_set1_ps(m));
+        let n8 = x.len() / 8 * 8;
+        let mut acc = _mm256_setzero_ps();
+        for i in (0..n8).step_by(8) {
+            // SAFETY: i + 8 <= len of both slices.
+            unsafe {
+                let v = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(x.as_ptr().add(i)), sv, mv));
+                _mm256_storeu_ps(y.as_mut_ptr().add(i), v);
+                acc = _mm256_add_ps(acc, v);
+            }
+        }
+        let mut sum = hsum(acc);
+        if n8 < x.len() {
+            let b = tail(&x[n8..], 0.0);
+            let mut o = [0f32; 8];
+            // SAFETY: both buffers hold 8 values.
+            unsafe {
+                let v = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(b.as_ptr()), sv, mv));
+                _mm256_storeu_ps(o.as_mut_ptr(), v);
+            }
+            let rest = x.len() - n8;
+            y[n8..].copy_from_slice(&o[..rest]);
+            sum += o[..rest].iter().sum::<f32>();
+        }
+        sum
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn max(x: &[f32]) -> f32 {
+        let n8 = x.len() / 8 * 8;
+        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut nan = _mm256_setzero_ps();
+        for i in (0..n8).step_by(8) {
+            // SAFETY: i + 8 <= len.
+            let v = unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
+            m = _mm256_max_ps(m, v);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+        }
+        let mut l = [0f32; 8];
+        let mut bad = [0f32; 8];
+        // SAFETY: both buffers hold 8 values.
+        unsafe {
+            _mm256_storeu_ps(l.as_mut_ptr(), m);
+            _mm256_storeu_ps(bad.as_mut_ptr(), nan);
+        }
+        if bad.iter().any(|b| b.to_bits() != 0) || x[n8..].iter().any(|v| v.is_nan()) {
+            return f32::NAN;
+        }
+        l.iter().chain(&x[n8..]).fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+    }
+
+    /// `1 / (1 + exp(-g))` of 8 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    fn sigmoid8(g: __m256) -> __m256 {
+        let one = _mm256_set1_ps(1.0);
+        let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        _mm256_div_ps(one, _mm256_add_ps(one, e))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn silu_mul(g: &[f32], u: &[f32], y: &mut [f32]) {
+        assert!(g.len() == u.len() && g.len() == y.len());
+        let n8 = g.len() / 8 * 8;
+        for i in (0..n8).step_by(8) {
+            // SAFETY: i + 8 <= len of all three slices.
+            unsafe {
+                let gv = _mm256_loadu_ps(g.as_ptr().add(i));
+                let uv = _mm256_loadu_ps(u.as_ptr().add(i));
+                let v = _mm256_mul_ps(_mm256_mul_ps(gv, sigmoid8(gv)), uv);
+                _mm256_storeu_ps(y.as_mut_ptr().add(i), v);
+            }
+        }
+        if n8 < g.len() {
+            let (gb, ub) = (tail(&g[n8..], 0.0), tail(&u[n8..], 0.0));
+            let mut o = [0f32; 8];
+            // SAFETY: all buffers hold 8 values.
+            unsafe {
+                let gv = _mm256_loadu_ps(gb.as_ptr());
+                let v = _mm256_mul_ps(
+                    _mm256_mul_ps(gv, sigmoid8(gv)),
+                    _mm256_loadu_ps(ub.as_ptr()),
+                );
+                _mm256_storeu_ps(o.as_mut_ptr(), v);
+            }
+            let rest = g.len() - n8;
+            y[n8..].copy_from_slice(&o[..rest]);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn silu_mul_backward(
+        g: &[f32],
+        u: &[f32],
+        dy: &[f32],
+        dg: &mut [f32],
+        du: &mut [f32],
+    ) {
+        let n = g.len();
+        assert!(u.len() == n && dy.len() == n && dg.len() == n && du.len() == n);
+        let one = _mm256_set1_ps(1.0);
+        // dg = dy u s (1 + g (1 - s)), du = dy g s
+        let lanes = |gv: __m256, uv: __m256, yv: __m256| {
+            let s = sigmoid8(gv);
+            let gs = _mm256_mul_ps(gv, s);
+            let du = _mm256_mul_ps(yv, gs);
+            // s (1 + g (1 - s)) = s + g s - g s^2 = s + gs (1 - s)
+            let ds = _mm256_fmadd_ps(gs, _mm256_sub_ps(one, s), s);
+            let dg = _mm256_mul_ps(_mm256_mul_ps(yv, uv), ds);
+            (dg, du)
+        };
+        let n8 = n / 8 * 8;
+        for i in (0..n8).step_by(8) {
+            // SAFETY: i + 8 <= len of all five slices.
+            unsafe {
+                let (a, b) = lanes(
+                    _mm256_loadu_ps(g.as_ptr().add(i)),
+                    _mm256_loadu_ps(u.as_ptr().add(i)),
+                    _mm256_loadu_ps(dy.as_ptr().add(i)),
+                );
+                _mm256_storeu_ps(dg.as_mut_ptr().add(i), a);
+                _mm256_storeu_ps(du.as_mut_ptr().add(i), b);
+            }
+        }
+        if n8 < n {
+            let (gb, ub, yb) = (
+                tail(&g[n8..], 0.0),
+                tail(&u[n8..], 0.0),
+                tail(&dy[n8..], 0.0),
+            );
+            let (mut oa, mut ob) = ([0f32; 8], [0f32; 8]);
+            // SAFETY: all buffers hold 8 values.
+            unsafe {
+                let (a, b) = lanes(
+                    _mm256_loadu_ps(gb.as_ptr()),
+                    _mm256_loadu_ps(ub.as_ptr()),
+                    _mm256_loadu_ps(yb.as_ptr()),
+                );
+                _mm256_storeu_ps(oa.as_mut_ptr(), a);
+                _mm256_storeu_ps(ob.as_mut_ptr(), b);
+            }
+            let rest = n - n8;
+            dg[n8..].copy_from_slice(&oa[..rest]);
+            du[n8..].copy_from_slice(&ob[..rest]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f32, b: f32, tol: f32) -> bool {
+        (a - b).abs() <= tol * (1.0 + b.abs())
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        // A deterministic spread over [-12, 12] with some exact zeros.
+        (0..n)
+            .map(|i| {
+                let h = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
+                if i % 17 == 0 {
+                    0.0
+                } else {
+                    (h % 24_000) as f32 / 1000.0 - 12.0
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn exp_matches_libm_over_the_range_and_handles_specials() {
+        let x: Vec<f32> = (-870..=883).map(|i| i as f32 * 0.1 + 0.0123).collect();
+        let mut y = vec![0f32; x.len()];
+        let sum = slice::exp_affine(&x, 1.0, 0.0, &mut y);
+        for (&a, &b) in x.iter().zip(&y) {
+            assert!(close(b, a.exp(), 1e-6), "exp({a}) = {b}, libm {}", a.exp());
+        }
+        assert!(sum.is_infinite(), "the sum of these overflows f32");
+        let x: Vec<f32> = (-200..=200).map(|i| i as f32 * 0.1 + 0.0123).collect();
+        let sum = slice::exp_affine(&x, 0.5, 1.0, &mut vec![0f32; x.len()]);
+        let want: f64 = x.iter().map(|v| (0.5 * *v as f64 - 1.0).exp()).sum();
+        assert!(((sum as f64 - want) / want).abs() < 1e-5);
+        // Odd lengths exercise the tail; NaN propagates; -inf underflows.
+        let mut y = [0f32; 3];
+        slice::exp_affine(&[f32::NAN, f32::NEG_INFINITY, 1.0], 1.0, 0.0, &mut y);
+        assert!(y[0].is_nan());
+        assert!(y[1] < 1e-37);
+        assert!(close(y[2], std::f32::consts::E, 1e-6));
+        assert!(slice::max(&[1.0, f32::NAN, 3.0]).is_nan());
+        for n in [0, 5, 8, 37] {
+            let v = values(n, 1);
+            let want = v.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            assert_eq!(slice::max(&v), want, "max of {n} values");
+        }
+    }
+
+    #[test]
+    fn silu_mul_and_its_gradient_match_the_formulas() {
+        for n in [1, 7, 8, 9, 1000, 40_000] {
+            let (g, u, dy) = (values(n, 3), values(n, 5), values(n, 7));
+            let mut y = vec![0f32; n];
+            silu_mul(&g, &u, &mut y);
+            let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+            silu_mul_backward(&g, &u, &dy, &mut dg, &mut du);
+            for i in 0..n {
+                let (gv, uv, yv) = (g[i] as f64, u[i] as f64, dy[i] as f64);
+                let s = 1.0 / (1.0 + (-gv).exp());
+                assert!(close(y[i], (gv * s * uv) as f32, 1e-5), "y[{i}]");
+                let want_dg = yv * uv * s * (1.0 + gv * (1.0 - s));
+                assert!(close(dg[i], want_dg as f32, 1e-5), "dg[{i}]");
+                assert!(close(du[i], (yv * gv * s) as f32, 1e-5), "du[{i}]");
+            }
+        }
+    }
+
+    #[test]
+    fn causal_softmax_masks_scales_and_normalises() {
+        let (seq, offset, scale) = (5, 3, 0.7f32);
+        let cols = offset + seq;
+        for groups in [1, 200] {
+            let x = values(groups * seq * cols, 11);
+            let mut y = vec![f32::NAN; x.len()];
+            causal_softmax(&x, &mut y, cols, seq, offset, scale);
+            for r in 0..groups * seq {
+                let valid = offset + r % seq + 1;
+                let row = &x[r * cols..(r + 1) * cols];
+                let m = row[..valid].iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
+                let z: f64 = row[..valid]
+                    .iter()
+                    .map(|&v| (scale as f64 * (v as f64 - m)).exp())
+                    .sum();
+                for j in 0..cols {
+                    let got = y[r * cols + j];
+                    if j < valid {
+                        let want = (scale as f64 * (row[j] as f64 - m)).exp() / z;
+                        assert!(close(got, want as f32, 1e-5), "row {r} col {j}");
+                    } else {
+                        assert_eq!(got, 0.0, "row {r} col {j} is masked");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn logsumexp_and_cross_entropy_gradient_match_f64() {
+        let (n, cols) = (40, 1001);
+        let x = values(n * cols, 13);
+        let targets: Vec<u32> = (0..n as u32).map(|i| i * 37 % cols as u32).collect();
+        let lse = logsumexp_rows(&x, cols);
+        let mut dx = vec![0f32; x.len()];
+        softmax_minus_onehot(&x, &lse, &targets, 0.5, &mut dx, cols);
+        for r in 0..n {
+            let row = &x[r * cols..(r + 1) * cols];
+            let want: f64 = row.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln();
+            assert!(close(lse[r], want as f32, 1e-6), "lse row {r}");
+            for j in 0..cols {
+                let p = (row[j] as f64 - want).exp();
+                let onehot = if j == targets[r] as usize { 1.0 } else { 0.0 };
+                let w = 0.5 * (p - onehot);
+                assert!((dx[r * cols + j] as f64 - w).abs() < 1e-6, "dx {r},{j}");
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_backward_matches_the_formula() {
+        let (rows, cols, scale) = (6, 13, 0.3f32);
+        let x = values(rows * cols, 17);
+        let dy = values(rows * cols, 19);
+        let mut y = vec![0f32; x.len()];
+        causal_softmax(&x, &mut y, cols, 3, 2, scale);
+        let mut dx = vec![0f32; x.len()];
+        softmax_backward(&y, &dy, &mut dx, cols, scale);
+        for r in 0..rows {
+            let (yr, gr) = (&y[r * cols..(r + 1) * cols], &dy[r * cols..(r + 1) * cols]);
+            let d: f64 = yr.iter().zip(gr).map(|(a, b)| (*a as f64) * (*b as f64)).sum();
+            for j in 0..cols {
+                let want = scale as f64 * yr[j] as f64 * (gr[j] as f64 - d);
+                assert!((dx[r * cols + j] as f64 - want).abs() < 1e-5);
+            }
+        }
+    }
+}
