@@ -133,19 +133,31 @@ impl Selector {
     /// # Shapes
     /// * `x2`: `(n, in)`.
     pub fn logits(&self, x2: &Tensor) -> candle_core::Result<Vec<f32>> {
+        let raw = self.raw_logits(x2)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut l = vec![0f32; raw.len()];
+        self.finish_logits(&raw, &mut l);
+        Ok(l)
+    }
+
+    /// The prototype products before [`Selector::finish_logits`]: `(n, E)`,
+    /// f32, contiguous.
+    fn raw_logits(&self, x2: &Tensor) -> candle_core::Result<Tensor> {
         let x = x2.to_dtype(DType::F32)?;
         let x = match self.kind {
             SelectorKind::Phatgoose => standardize(&x)?,
             _ => x,
         };
-        let raw = matmul_t(&x, &self.prototypes)?;
-        let mut l = raw.flatten_all()?.to_vec1::<f32>()?;
+        matmul_t(&x, &self.prototypes)?.contiguous()
+    }
+
+    /// Raw products to logits: `|p| / T` for Arrow, `p / T` otherwise.
+    fn finish_logits(&self, raw: &[f32], out: &mut [f32]) {
         let inv_t = (1.0 / self.temperature) as f32;
+        let pairs = out.iter_mut().zip(raw);
         match self.kind {
-            SelectorKind::Arrow => l.iter_mut().for_each(|v| *v = v.abs() * inv_t),
-            _ => l.iter_mut().for_each(|v| *v *= inv_t),
+            SelectorKind::Arrow => pairs.for_each(|(o, v)| *o = v.abs() * inv_t),
+            _ => pairs.for_each(|(o, v)| *o = v * inv_t),
         }
-        Ok(l)
     }
 }
 
@@ -608,11 +620,12 @@ impl RoutedLora {
         Ok(out)
     }
 
-    /// The fast CPU path: top-k selection and [`RoutedLora::grouped`]'s
-    /// computation as plain loops over f32 slices, one block of tokens per
-    /// thread of candle's pool (LoRA ranks are tiny, so candle's per-op
-    /// overhead would dominate the work).
-    fn cpu_fast(&self, x2: &Tensor, logits: &[f32]) -> candle_core::Result<(Selection, Tensor)> {
+    /// The fast CPU path: logits, top-k selection and
+    /// [`RoutedLora::grouped`]'s computation as plain loops over f32 slices,
+    /// one block of tokens per thread of candle's pool (LoRA ranks are tiny,
+    /// so candle's per-op overhead would dominate the work). `raw` is
+    /// [`Selector::raw_logits`], read in place.
+    fn cpu_fast(&self, x2: &Tensor, raw: &Tensor) -> candle_core::Result<(Selection, Tensor)> {
         let (n, inp, out) = (x2.dims()[0], self.inp, self.out);
         let (e, k) = (self.n_experts(), self.selector.top_k);
         let x = x2.to_dtype(DType::F32)?.contiguous()?;
@@ -621,16 +634,9 @@ impl RoutedLora {
         let mut weights = vec![0f32; n * k];
         {
             let (storage, layout) = x.storage_and_layout();
-            let data: &[f32] = match &*storage {
-                candle_core::Storage::Cpu(c) => {
-                    let s = c.as_slice::<f32>()?;
-                    let (lo, hi) = layout
-                        .contiguous_offsets()
-                        .ok_or_else(|| candle_core::Error::Msg("non-contiguous input".into()))?;
-                    &s[lo..hi]
-                }
-                _ => candle_core::bail!("the CPU routing loop got a tensor on another device"),
-            };
+            let data = cpu_slice(&storage, layout)?;
+            let (raw_storage, raw_layout) = raw.storage_and_layout();
+            let raw = cpu_slice(&raw_storage, raw_layout)?;
             // Blocks of at least 64 (token, expert) pairs, at most one per
             // thread: each block reads its experts' factors once.
             let pool = candle_core::utils::barrier_pool();
@@ -645,7 +651,10 @@ impl RoutedLora {
                 .collect();
             let run = |b: usize| {
                 let (t0, t1) = (b * per, ((b + 1) * per).min(n));
-                let sel = select_top_k(&logits[t0 * e..t1 * e], t1 - t0, e, k);
+                let mut logits = vec![0f32; (t1 - t0) * e];
+                self.selector
+                    .finish_logits(&raw[t0 * e..t1 * e], &mut logits);
+                let sel = select_top_k(&logits, t1 - t0, e, k);
                 let mut part = parts[b].lock().expect("one thread per block");
                 part.1.copy_from_slice(&sel.experts);
                 part.2.copy_from_slice(&sel.weights);
@@ -717,6 +726,21 @@ impl RoutedLora {
             }
         }
     }
+}
+
+/// The values of a contiguous f32 CPU tensor's storage.
+fn cpu_slice<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let candle_core::Storage::Cpu(c) = storage else {
+        candle_core::bail!("the CPU routing loop got a tensor on another device");
+    };
+    let s = c.as_slice::<f32>()?;
+    let (lo, hi) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("non-contiguous input".into()))?;
+    Ok(&s[lo..hi])
 }
 
 /// The two inner loops of the CPU path: `z = A x` and `y += B z`.
@@ -941,12 +965,12 @@ impl LinearAdapter for RoutedLora {
         let inp = *dims.last().expect("rank >= 1");
         let n = xs.elem_count() / inp.max(1);
         let x2 = xs.reshape((n, inp))?;
-        let logits = self.selector.logits(&x2)?;
         let (sel, y) = match self.path {
             RoutePath::Fast if self.cpu.is_some() && xs.device().is_cpu() => {
-                self.cpu_fast(&x2, &logits)?
+                self.cpu_fast(&x2, &self.selector.raw_logits(&x2)?)?
             }
             path => {
+                let logits = self.selector.logits(&x2)?;
                 let sel = select_top_k(&logits, n, self.n_experts(), self.selector.top_k);
                 let y = match path {
                     RoutePath::Reference => self.reference(&x2, &logits)?,
