@@ -52,13 +52,16 @@ METRICS = [
     ("train_tokens_per_s", "train tokens/s", ("train", "tokens_per_s"), True, 1.3),
     ("score_tokens_per_s", "score tokens/s", ("score", "tokens_per_s"), True, 1.5),
     ("generate_tokens_per_s", "generate tokens/s", ("generate", "tokens_per_s"), True, None),
-    # Quiver with weights quantized to Q8_0 for decoding (`--quantize q8_0`); the
+    # Quiver with weights quantized to Q8_0 / Q4_0 for decoding (`--quantize`); the
     # peer column is PyTorch's f32 generate, llama.cpp runs the Q4_1 GGUF.
     ("generate_q8_tokens_per_s", "generate tokens/s (quiver Q8_0)", ("generate_q8", "tokens_per_s"), True, None),
+    ("generate_q4_tokens_per_s", "generate tokens/s (quiver Q4_0)", ("generate_q4", "tokens_per_s"), True, None),
     ("arrow8_tokens_per_s", "arrow-8 tokens/s", ("arrow", "8", "tokens_per_s"), True, None),
     ("arrow64_tokens_per_s", "arrow-64 tokens/s", ("arrow", "64", "tokens_per_s"), True, 3.0),
     ("peak_rss_mb", "peak RSS MB", ("peak_rss_mb",), False, 1.0),
 ]
+
+GENERATE_KEYS = ("generate_tokens_per_s", "generate_q8_tokens_per_s", "generate_q4_tokens_per_s")
 
 
 def fmt(x: float | None, digits: int = 1) -> str:
@@ -82,8 +85,8 @@ def build_rows(quiver: dict | None, peer: dict | None, llama: dict | None) -> li
         p = get(peer, *path)
         r = ratio(q, p, hib)
         row = {"metric": key, "label": label, "quiver": q, "peer": p, "ratio": r}
-        if key in ("generate_tokens_per_s", "generate_q8_tokens_per_s"):
-            if key == "generate_q8_tokens_per_s":
+        if key in GENERATE_KEYS:
+            if key != "generate_tokens_per_s":
                 row["peer"] = p = get(peer, "generate", "tokens_per_s")
                 row["ratio"] = r = ratio(q, p, hib)
             ll = get(llama, "generate", "tokens_per_s")
@@ -124,7 +127,7 @@ def met_str(row: dict) -> str:
 
 def ratio_str(row: dict) -> str:
     s = "n/a" if row["ratio"] is None else f"{row['ratio']:.2f}x"
-    if row["metric"] in ("generate_tokens_per_s", "generate_q8_tokens_per_s"):
+    if row["metric"] in GENERATE_KEYS:
         ll = row.get("llamacpp")
         if ll is not None:
             vs = row.get("ratio_vs_llamacpp")

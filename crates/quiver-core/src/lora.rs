@@ -220,6 +220,13 @@ mod tests {
         // A batch: the f32 weight, bit for bit.
         let xb = Tensor::randn(0f32, 1.0, (4, 16, 64), &dev)?;
         assert_eq!(rel(&lin.forward(&xb)?, &exact.forward(&xb)?)?, 0.0);
+        // 4 bits: coarser, still close (Q4_0's error on Gaussian weights is
+        // about 10%), and still for decoding rows only.
+        let mut q4 = exact.clone();
+        assert!(q4.quantize(candle_core::quantized::GgmlDType::Q4_0)?);
+        let e4 = rel(&q4.forward(&x1)?, &exact.forward(&x1)?)?;
+        assert!(e4 > e && e4 < 0.2, "Q4_0 relative error {e4} (Q8_0: {e})");
+        assert_eq!(rel(&q4.forward(&xb)?, &exact.forward(&xb)?)?, 0.0);
         // An input size that is not a multiple of the block stays f32.
         let mut odd = LoraLinear::new("y", Tensor::randn(0f32, 1.0, (8, 40), &dev)?, None);
         assert!(!odd.quantize(candle_core::quantized::GgmlDType::Q8_0)?);
