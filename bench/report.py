@@ -52,10 +52,10 @@ METRICS = [
     ("train_tokens_per_s", "train tokens/s", ("train", "tokens_per_s"), True, 1.3),
     ("score_tokens_per_s", "score tokens/s", ("score", "tokens_per_s"), True, 1.5),
     ("generate_tokens_per_s", "generate tokens/s", ("generate", "tokens_per_s"), True, None),
-    # Quiver with weights quantized to Q8_0 / Q4_0 for decoding (`--quantize`); the
+    # Quiver with weights quantized to Q8_0 / Q4_1 for decoding (`--quantize`); the
     # peer column is PyTorch's f32 generate, llama.cpp runs the Q4_1 GGUF.
     ("generate_q8_tokens_per_s", "generate tokens/s (quiver Q8_0)", ("generate_q8", "tokens_per_s"), True, None),
-    ("generate_q4_tokens_per_s", "generate tokens/s (quiver Q4_0)", ("generate_q4", "tokens_per_s"), True, None),
+    ("generate_q4_tokens_per_s", "generate tokens/s (quiver Q4_1)", ("generate_q4", "tokens_per_s"), True, None),
     ("arrow8_tokens_per_s", "arrow-8 tokens/s", ("arrow", "8", "tokens_per_s"), True, None),
     ("arrow64_tokens_per_s", "arrow-64 tokens/s", ("arrow", "64", "tokens_per_s"), True, 3.0),
     ("peak_rss_mb", "peak RSS MB", ("peak_rss_mb",), False, 1.0),

@@ -148,16 +148,15 @@ fn main() -> anyhow::Result<()> {
         out["generate"] = serde_json::json!({"tokens_per_s": 64.0 / t, "new_tokens": 64});
         eprintln!("generate: {:.1} tokens/s", 64.0 / t);
         // The same with quantized weights for decoding (`quiver generate
-        // --quantize q8_0` / `q4_0`).
+        // --quantize q8_0` / `q4_1`).
         for (key, dtype) in [
             ("generate_q8", candle_core::quantized::GgmlDType::Q8_0),
-            ("generate_q4", candle_core::quantized::GgmlDType::Q4_0),
+            ("generate_q4", candle_core::quantized::GgmlDType::Q4_1),
         ] {
             let mut qm = lm.model.clone();
             let n = qm.quantize(dtype)?;
             let t = time_median(reps.min(3), || {
-                let (toks, _) =
-                    generate(&qm, &prompt, &params, &[], |_| Ok(())).expect("generate");
+                let (toks, _) = generate(&qm, &prompt, &params, &[], |_| Ok(())).expect("generate");
                 assert_eq!(toks.len(), 64);
             });
             out[key] = serde_json::json!({"tokens_per_s": 64.0 / t, "new_tokens": 64, "quantized_layers": n});

@@ -74,7 +74,10 @@ const FLAT_ROW: usize = 1024;
 
 /// `y = silu(g) * u = g * sigmoid(g) * u`, elementwise.
 pub fn silu_mul(g: &[f32], u: &[f32], y: &mut [f32]) {
-    assert!(g.len() == u.len() && g.len() == y.len(), "silu_mul: lengths");
+    assert!(
+        g.len() == u.len() && g.len() == y.len(),
+        "silu_mul: lengths"
+    );
     let n = g.len();
     let out = Shared(y.as_mut_ptr());
     par_rows(n.div_ceil(FLAT_ROW), FLAT_ROW, |rows| {
@@ -106,16 +109,29 @@ pub fn silu_mul_backward(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &
 /// rows come in groups of `seq` queries (row `r` is query `r % seq`), and
 /// query `i` sees keys `0..=offset + i` (`offset` keys were cached before
 /// the first query); masked entries of `y` are 0.
-pub fn causal_softmax(x: &[f32], y: &mut [f32], cols: usize, seq: usize, offset: usize, scale: f32) {
-    assert!(x.len() == y.len() && cols > 0 && seq > 0, "causal_softmax: shapes");
-    assert!(x.len() % cols == 0, "causal_softmax: ragged rows");
+pub fn causal_softmax(
+    x: &[f32],
+    y: &mut [f32],
+    cols: usize,
+    seq: usize,
+    offset: usize,
+    scale: f32,
+) {
+    assert!(
+        x.len() == y.len() && cols > 0 && seq > 0,
+        "causal_softmax: shapes"
+    );
+    assert!(x.len().is_multiple_of(cols), "causal_softmax: ragged rows");
     let out = Shared(y.as_mut_ptr());
     par_rows(x.len() / cols, cols, |rows| {
         // SAFETY: each range of rows is written by one call only.
         let y = unsafe { out.rows(&rows, cols) };
         for (k, r) in rows.enumerate() {
             let valid = (offset + r % seq + 1).min(cols);
-            let (xr, yr) = (&x[r * cols..r * cols + valid], &mut y[k * cols..(k + 1) * cols]);
+            let (xr, yr) = (
+                &x[r * cols..r * cols + valid],
+                &mut y[k * cols..(k + 1) * cols],
+            );
             let m = scale * slice::max(xr);
             let sum = slice::exp_affine(xr, scale, m, &mut yr[..valid]);
             slice::scale(&mut yr[..valid], 1.0 / sum);
@@ -127,7 +143,7 @@ pub fn causal_softmax(x: &[f32], y: &mut [f32], cols: usize, seq: usize, offset:
 /// Backward of a softmax of `scale * x` over rows of `cols`:
 /// `dx = scale * y * (dy - <dy, y>)` (masked entries have `y = 0`).
 pub fn softmax_backward(y: &[f32], dy: &[f32], dx: &mut [f32], cols: usize, scale: f32) {
-    assert!(y.len() == dy.len() && y.len() == dx.len() && cols > 0 && y.len() % cols == 0);
+    assert!(y.len() == dy.len() && y.len() == dx.len() && cols > 0 && y.len().is_multiple_of(cols));
     let out = Shared(dx.as_mut_ptr());
     par_rows(y.len() / cols, cols, |rows| {
         // SAFETY: each range of rows is written by one call only.
@@ -144,7 +160,10 @@ pub fn softmax_backward(y: &[f32], dy: &[f32], dx: &mut [f32], cols: usize, scal
 
 /// `log(sum(exp(x)))` of each row of `cols` values.
 pub fn logsumexp_rows(x: &[f32], cols: usize) -> Vec<f32> {
-    assert!(cols > 0 && x.len() % cols == 0, "logsumexp_rows: ragged rows");
+    assert!(
+        cols > 0 && x.len().is_multiple_of(cols),
+        "logsumexp_rows: ragged rows"
+    );
     let n = x.len() / cols;
     let mut lse = vec![0f32; n];
     let out = Shared(lse.as_mut_ptr());
@@ -287,7 +306,13 @@ mod simd {
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
         let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
         }
         let r2 = _mm256_mul_ps(r, r);
@@ -365,7 +390,9 @@ mod simd {
         if bad.iter().any(|b| b.to_bits() != 0) || x[n8..].iter().any(|v| v.is_nan()) {
             return f32::NAN;
         }
-        l.iter().chain(&x[n8..]).fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+        l.iter()
+            .chain(&x[n8..])
+            .fold(f32::NEG_INFINITY, |a, &b| a.max(b))
     }
 
     /// `1 / (1 + exp(-g))` of 8 lanes.
@@ -593,10 +620,317 @@ mod tests {
         softmax_backward(&y, &dy, &mut dx, cols, scale);
         for r in 0..rows {
             let (yr, gr) = (&y[r * cols..(r + 1) * cols], &dy[r * cols..(r + 1) * cols]);
-            let d: f64 = yr.iter().zip(gr).map(|(a, b)| (*a as f64) * (*b as f64)).sum();
+            let d: f64 = yr
+                .iter()
+                .zip(gr)
+                .map(|(a, b)| (*a as f64) * (*b as f64))
+                .sum();
             for j in 0..cols {
                 let want = scale as f64 * yr[j] as f64 * (gr[j] as f64 - d);
                 assert!((dx[r * cols + j] as f64 - want).abs() < 1e-5);
+            }
+        }
+    }
+}
+
+/// 4-bit weights for decoding: the Q4_1 scheme of GGML (blocks of 32
+/// weights, each with a scale `d` and a minimum `m`, values `d * q + m`
+/// with `q` in `0..16`), with f32 scales kept apart from the packed
+/// nibbles, and a matrix-vector product against activations quantized to
+/// 8 bits per block on the fly.
+///
+/// Q4_1 is what SmolLM2's GGUF file stores: quantizing its dequantized
+/// weights again finds the same blocks' minimum and maximum, so decoding
+/// runs on the file's own 4-bit weights. (candle has no SIMD kernel for
+/// Q4_1, and re-quantizing them to its Q4_0 visibly hurt the text.) The
+/// unsigned nibbles go straight into `maddubs` against the signed
+/// activations, the minimum's share is one product per block with the
+/// activations' f32 block sum, four weight rows share every activation
+/// load, and the rows are split over candle's thread pool.
+pub mod q4 {
+    use super::{avx2, par_rows, Shared};
+
+    /// Weights per block.
+    pub const BLOCK: usize = 32;
+
+    /// A `(rows, cols)` matrix in 4-bit blocks along `cols`.
+    #[derive(Debug, Clone)]
+    pub struct Q4Matrix {
+        rows: usize,
+        cols: usize,
+        /// `rows * cols / 32` block scales, row-major.
+        scales: Vec<f32>,
+        /// The blocks' minimums, likewise.
+        mins: Vec<f32>,
+        /// 16 bytes per block: byte `j` holds weight `j` (low nibble) and
+        /// weight `j + 16` (high nibble).
+        quants: Vec<u8>,
+    }
+
+    /// One row of activations in 8-bit blocks.
+    struct Q8Row {
+        /// Per block: `i8` values, 32 each.
+        q: Vec<i8>,
+        /// Per block: the scale.
+        d: Vec<f32>,
+        /// Per block: the sum of the f32 activations (the weights'
+        /// minimum multiplies it).
+        sum: Vec<f32>,
+    }
+
+    impl Q4Matrix {
+        /// Quantizes a row-major `(rows, cols)` matrix; `None` unless `cols`
+        /// is a multiple of [`BLOCK`].
+        pub fn quantize(w: &[f32], rows: usize, cols: usize) -> Option<Self> {
+            if cols == 0 || !cols.is_multiple_of(BLOCK) || w.len() != rows * cols {
+                return None;
+            }
+            let nb = rows * cols / BLOCK;
+            let mut scales = Vec::with_capacity(nb);
+            let mut mins = Vec::with_capacity(nb);
+            let mut quants = Vec::with_capacity(nb * 16);
+            for block in w.chunks_exact(BLOCK) {
+                let lo = block.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+                let hi = block.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let d = (hi - lo) / 15.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let q = |v: f32| (((v - lo) * id + 0.5) as i32).clamp(0, 15) as u8;
+                scales.push(d);
+                mins.push(lo);
+                for j in 0..16 {
+                    quants.push(q(block[j]) | (q(block[j + 16]) << 4));
+                }
+            }
+            Some(Self {
+                rows,
+                cols,
+                scales,
+                mins,
+                quants,
+            })
+        }
+
+        pub fn rows(&self) -> usize {
+            self.rows
+        }
+
+        pub fn cols(&self) -> usize {
+            self.cols
+        }
+
+        /// The weights as stored, back in f32 (row-major).
+        pub fn dequantize(&self) -> Vec<f32> {
+            let mut out = Vec::with_capacity(self.rows * self.cols);
+            let blocks = self.scales.iter().zip(&self.mins);
+            for ((d, m), q) in blocks.zip(self.quants.chunks_exact(16)) {
+                out.extend(q.iter().map(|b| d * (b & 15) as f32 + m));
+                out.extend(q.iter().map(|b| d * (b >> 4) as f32 + m));
+            }
+            out
+        }
+
+        /// `y = x W^T` for `n` rows of `x` (`n x cols`), `y` is `n x rows`.
+        pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) {
+            assert!(
+                x.len() == n * self.cols && y.len() == n * self.rows,
+                "q4 matmul: shapes"
+            );
+            let xq: Vec<Q8Row> = x.chunks_exact(self.cols).map(quantize_row).collect();
+            // Output features in groups of 4 rows; one group is 4 * cols / 2
+            // bytes of weights.
+            let groups = self.rows.div_ceil(4);
+            let out = Shared(y.as_mut_ptr());
+            let nb = self.cols / BLOCK;
+            par_rows(groups, 2 * self.cols, |range| {
+                let (r0, r1) = (range.start * 4, (range.end * 4).min(self.rows));
+                for (t, xr) in xq.iter().enumerate() {
+                    // SAFETY: token t's outputs r0..r1 belong to this call.
+                    let yt = unsafe { out.span(t * self.rows + r0, r1 - r0) };
+                    let mut r = r0;
+                    while r < r1 {
+                        let m = (r1 - r).min(4);
+                        let mut acc = [0f32; 4];
+                        self.dot_rows(r, m, nb, xr, &mut acc);
+                        yt[r - r0..r - r0 + m].copy_from_slice(&acc[..m]);
+                        r += m;
+                    }
+                }
+            });
+        }
+
+        /// Dot products of rows `r..r + m` (`m <= 4`) with one activation row.
+        fn dot_rows(&self, r: usize, m: usize, nb: usize, x: &Q8Row, acc: &mut [f32; 4]) {
+            #[cfg(target_arch = "x86_64")]
+            if avx2() && m == 4 {
+                // SAFETY: the CPU has AVX2 and FMA (checked above); rows
+                // r..r + 4 exist.
+                unsafe { simd::dot4(self, r, nb, x, acc) };
+                return;
+            }
+            for (i, a) in acc.iter_mut().enumerate().take(m) {
+                *a = self.dot_row_scalar(r + i, nb, x);
+            }
+        }
+
+        fn dot_row_scalar(&self, r: usize, nb: usize, x: &Q8Row) -> f32 {
+            let mut sum = 0f32;
+            for b in 0..nb {
+                let blk = r * nb + b;
+                let q = &self.quants[blk * 16..blk * 16 + 16];
+                let xq = &x.q[b * BLOCK..(b + 1) * BLOCK];
+                let mut s = 0i32;
+                for j in 0..16 {
+                    s += (q[j] & 15) as i32 * xq[j] as i32 + (q[j] >> 4) as i32 * xq[j + 16] as i32;
+                }
+                sum += self.scales[blk] * x.d[b] * s as f32 + self.mins[blk] * x.sum[b];
+            }
+            sum
+        }
+    }
+
+    /// 8-bit blocks of one activation row: `d = max|x| / 127`.
+    fn quantize_row(x: &[f32]) -> Q8Row {
+        let nb = x.len() / BLOCK;
+        let mut q = Vec::with_capacity(x.len());
+        let (mut d, mut sum) = (Vec::with_capacity(nb), Vec::with_capacity(nb));
+        for block in x.chunks_exact(BLOCK) {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let s = amax / 127.0;
+            let id = if s != 0.0 { 1.0 / s } else { 0.0 };
+            q.extend(block.iter().map(|&v| (v * id).round() as i8));
+            d.push(s);
+            sum.push(block.iter().sum());
+        }
+        Q8Row { q, d, sum }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod simd {
+        use super::{Q4Matrix, Q8Row, BLOCK};
+        use std::arch::x86_64::*;
+
+        /// Four rows at once; see [`Q4Matrix::dot_row_scalar`] for the sum.
+        #[target_feature(enable = "avx2,fma")]
+        pub(super) fn dot4(w: &Q4Matrix, r: usize, nb: usize, x: &Q8Row, out: &mut [f32; 4]) {
+            assert!((r + 4) * nb * 16 <= w.quants.len() && x.q.len() >= nb * BLOCK);
+            let low = _mm_set1_epi8(15);
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut corr = [0f32; 4];
+            for b in 0..nb {
+                // SAFETY: block b of the activations holds 32 bytes and
+                // block (r + i) * nb + b of the weights 16 (asserted above).
+                unsafe {
+                    let xv = _mm256_loadu_si256(x.q.as_ptr().add(b * BLOCK) as *const __m256i);
+                    let dx = x.d[b];
+                    for i in 0..4 {
+                        let blk = (r + i) * nb + b;
+                        let bytes =
+                            _mm_loadu_si128(w.quants.as_ptr().add(blk * 16) as *const __m128i);
+                        let lo = _mm_and_si128(bytes, low);
+                        let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), low);
+                        let q = _mm256_set_m128i(hi, lo);
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);
+                        let dw = *w.scales.get_unchecked(blk);
+                        acc[i] =
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * dx), acc[i]);
+                        corr[i] += *w.mins.get_unchecked(blk) * x.sum[b];
+                    }
+                }
+            }
+            for i in 0..4 {
+                let mut l = [0f32; 8];
+                // SAFETY: `l` holds 8 values.
+                unsafe { _mm256_storeu_ps(l.as_mut_ptr(), acc[i]) };
+                out[i] = (l[0] + l[4]) + (l[1] + l[5]) + ((l[2] + l[6]) + (l[3] + l[7])) + corr[i];
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn values(n: usize, seed: u64) -> Vec<f32> {
+            let mut s = seed;
+            (0..n)
+                .map(|_| {
+                    s = s
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+                })
+                .collect()
+        }
+
+        #[test]
+        fn quantization_stays_within_half_a_step_and_is_idempotent() {
+            let (rows, cols) = (7, 96);
+            let w = values(rows * cols, 1);
+            let q = Q4Matrix::quantize(&w, rows, cols).unwrap();
+            let back = q.dequantize();
+            for (b, (wb, qb)) in w.chunks(BLOCK).zip(back.chunks(BLOCK)).enumerate() {
+                let d = q.scales[b];
+                for (a, c) in wb.iter().zip(qb) {
+                    assert!((a - c).abs() <= d * 0.5 + 1e-6, "block {b}: {a} vs {c}");
+                }
+            }
+            // Weights that are already 4-bit (a Q4_1 GGUF file's, dequantized)
+            // come back as they were.
+            let again = Q4Matrix::quantize(&back, rows, cols).unwrap().dequantize();
+            for (a, c) in back.iter().zip(&again) {
+                assert!((a - c).abs() <= 1e-6 * (1.0 + a.abs()), "{a} vs {c}");
+            }
+            assert!(
+                Q4Matrix::quantize(&w, rows * 2, cols / 2).is_none(),
+                "48 columns: not whole blocks"
+            );
+        }
+
+        /// The kernel computes exactly `sum((W - m) * dequantized x) +
+        /// m * sum(x)` per block (`W - m` is `d q`): compare with that in
+        /// f64, for row counts that exercise both the 4-row SIMD path and
+        /// the leftover rows.
+        #[test]
+        fn matmul_equals_the_dequantized_product() {
+            for (rows, cols, n) in [(9, 64, 1), (4, 576, 3), (13, 160, 8)] {
+                let w = values(rows * cols, 2);
+                let x: Vec<f32> = values(n * cols, 3).iter().map(|v| v * 7.0).collect();
+                let q = Q4Matrix::quantize(&w, rows, cols).unwrap();
+                let wd = q.dequantize();
+                let mut y = vec![0f32; n * rows];
+                q.matmul(&x, n, &mut y);
+                let (mut err, mut norm) = (0f64, 0f64);
+                for t in 0..n {
+                    let xr = quantize_row(&x[t * cols..(t + 1) * cols]);
+                    let xd: Vec<f64> =
+                        xr.q.iter()
+                            .enumerate()
+                            .map(|(i, &v)| v as f64 * xr.d[i / BLOCK] as f64)
+                            .collect();
+                    for r in 0..rows {
+                        let want: f64 = (0..cols)
+                            .map(|c| {
+                                let m = q.mins[(r * cols + c) / BLOCK] as f64;
+                                (wd[r * cols + c] as f64 - m) * xd[c] + m * x[t * cols + c] as f64
+                            })
+                            .sum();
+                        let got = y[t * rows + r] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "{rows}x{cols} t{t} r{r}: {got} vs {want}"
+                        );
+                        let exact: f64 = (0..cols)
+                            .map(|c| w[r * cols + c] as f64 * x[t * cols + c] as f64)
+                            .sum();
+                        err += (got - exact).powi(2);
+                        norm += exact.powi(2);
+                    }
+                }
+                // And close to the unquantized product overall (4 bits on
+                // uniform weights: about 10% relative error).
+                let rel = (err / norm).sqrt();
+                assert!(rel < 0.2, "{rows}x{cols}: relative error {rel}");
             }
         }
     }

@@ -74,7 +74,35 @@ pub struct LoraLinear {
     bias: Option<Tensor>,
     adapter: Option<Arc<dyn LinearAdapter>>,
     /// The weight quantized for small-batch inference ([`LoraLinear::quantize`]).
-    quantized: Option<Arc<candle_core::quantized::QMatMul>>,
+    quantized: Option<Quantized>,
+}
+
+/// A quantized copy of a layer's weight.
+#[derive(Debug, Clone)]
+enum Quantized {
+    /// candle's GGML kernels (Q8_0 and the other GGML types).
+    Candle(Arc<candle_core::quantized::QMatMul>),
+    /// Quiver's own Q4_1 kernel ([`crate::kernels::q4`]).
+    Q4(Arc<crate::kernels::q4::Q4Matrix>),
+}
+
+impl Quantized {
+    /// # Shapes
+    /// * `xs`: `(.., in)` f32 on the CPU; returns `(.., out)`.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Quantized::Candle(q) => q.forward(&xs.contiguous()?),
+            Quantized::Q4(q) => {
+                let mut dims = xs.dims().to_vec();
+                let n = xs.elem_count() / q.cols();
+                let x = xs.flatten_all()?.to_vec1::<f32>()?;
+                let mut y = vec![0f32; n * q.rows()];
+                q.matmul(&x, n, &mut y);
+                *dims.last_mut().expect("rank >= 1") = q.rows();
+                Tensor::from_vec(y, dims, xs.device())
+            }
+        }
+    }
 }
 
 /// Inputs with at most this many rows use the quantized weight when there
@@ -107,8 +135,18 @@ impl LoraLinear {
             return Ok(false);
         }
         let w = self.weight.to_dtype(candle_core::DType::F32)?;
+        if dtype == candle_core::quantized::GgmlDType::Q4_1 {
+            let (rows, cols) = w.dims2()?;
+            let values = w.flatten_all()?.to_vec1::<f32>()?;
+            if let Some(q) = crate::kernels::q4::Q4Matrix::quantize(&values, rows, cols) {
+                self.quantized = Some(Quantized::Q4(Arc::new(q)));
+                return Ok(true);
+            }
+        }
         let q = candle_core::quantized::QTensor::quantize(&w, dtype)?;
-        self.quantized = Some(Arc::new(candle_core::quantized::QMatMul::from_qtensor(q)?));
+        self.quantized = Some(Quantized::Candle(Arc::new(
+            candle_core::quantized::QMatMul::from_qtensor(q)?,
+        )));
         Ok(true)
     }
 
@@ -159,7 +197,7 @@ impl LoraLinear {
             rows <= QUANTIZED_MAX_ROWS && !xs.track_op() && xs.dtype() == candle_core::DType::F32
         });
         let ys = if let Some(q) = quantized {
-            q.forward(&xs.contiguous()?)?
+            q.forward(xs)?
         } else if xs.track_op() && !self.weight.track_op() {
             // Frozen weight: the backward gives x its gradient dL/dy W and
             // computes nothing for W (candle's matmul backward would).
@@ -220,12 +258,12 @@ mod tests {
         // A batch: the f32 weight, bit for bit.
         let xb = Tensor::randn(0f32, 1.0, (4, 16, 64), &dev)?;
         assert_eq!(rel(&lin.forward(&xb)?, &exact.forward(&xb)?)?, 0.0);
-        // 4 bits: coarser, still close (Q4_0's error on Gaussian weights is
-        // about 10%), and still for decoding rows only.
+        // 4 bits (Quiver's Q4_1 kernel): coarser, still close (about 10% on
+        // Gaussian weights), and still for decoding rows only.
         let mut q4 = exact.clone();
-        assert!(q4.quantize(candle_core::quantized::GgmlDType::Q4_0)?);
+        assert!(q4.quantize(candle_core::quantized::GgmlDType::Q4_1)?);
         let e4 = rel(&q4.forward(&x1)?, &exact.forward(&x1)?)?;
-        assert!(e4 > e && e4 < 0.2, "Q4_0 relative error {e4} (Q8_0: {e})");
+        assert!(e4 > e && e4 < 0.2, "Q4_1 relative error {e4} (Q8_0: {e})");
         assert_eq!(rel(&q4.forward(&xb)?, &exact.forward(&xb)?)?, 0.0);
         // An input size that is not a multiple of the block stays f32.
         let mut odd = LoraLinear::new("y", Tensor::randn(0f32, 1.0, (8, 40), &dev)?, None);

@@ -308,7 +308,10 @@ fn cross_entropy_sum_cpu(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let l = logits.detach().contiguous()?;
     let t = targets.to_dtype(DType::U32)?.to_vec1::<u32>()?;
     if t.len() != n {
-        candle_core::bail!("cross_entropy_sum: {n} rows of logits but {} targets", t.len());
+        candle_core::bail!(
+            "cross_entropy_sum: {n} rows of logits but {} targets",
+            t.len()
+        );
     }
     if let Some(bad) = t.iter().find(|&&v| v as usize >= vocab) {
         candle_core::bail!("cross_entropy_sum: target {bad} outside the {vocab} classes");
@@ -438,7 +441,15 @@ pub fn causal_softmax_composed(att: &Tensor, scale: f64) -> Result<Tensor> {
     let (seq, kv) = (dims[dims.len() - 2], dims[dims.len() - 1]);
     let offset = kv - seq;
     let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..kv).map(move |j| if j > i + offset { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..kv).map(move |j| {
+                if j > i + offset {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     let mask = Tensor::from_vec(mask, (seq, kv), att.device())?.to_dtype(att.dtype())?;
     softmax_composed(&(att * scale)?.broadcast_add(&mask)?)

@@ -75,8 +75,8 @@ pub fn load_model(g: &GlobalArgs, m: &ModelArgs) -> Result<LoadedModel> {
     let quantize = match m.quantize.as_str() {
         "none" => None,
         "q8_0" | "q8" => Some(candle_core::quantized::GgmlDType::Q8_0),
-        "q4_0" | "q4" => Some(candle_core::quantized::GgmlDType::Q4_0),
-        other => bail!("--quantize `{other}`: expected none, q8_0 or q4_0"),
+        "q4_1" | "q4" => Some(candle_core::quantized::GgmlDType::Q4_1),
+        other => bail!("--quantize `{other}`: expected none, q8_0 or q4_1"),
     };
     let mut loaded = quiver_core::load(&m.model, &device, dtype);
     if let (Ok(lm), Some(q)) = (loaded.as_mut(), quantize) {
