@@ -208,9 +208,26 @@ pub fn softmax_minus_onehot(
     });
 }
 
+/// Dot product with eight independent accumulators, so the compiler can
+/// vectorise it without reassociating a single sum.
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
 /// Slice primitives, dispatched to AVX2 + FMA or the portable loops.
 mod slice {
     use super::avx2;
+    pub use super::dot;
 
     /// `y = exp(scale * x - m)`; returns `sum(y)`.
     pub fn exp_affine(x: &[f32], scale: f32, m: f32, y: &mut [f32]) -> f32 {
@@ -245,20 +262,6 @@ mod slice {
 
     pub fn scale(y: &mut [f32], c: f32) {
         y.iter_mut().for_each(|v| *v *= c);
-    }
-
-    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-        // Eight partial sums: vectorises without reassociating one sum.
-        let mut acc = [0f32; 8];
-        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-        let (ta, tb) = (ca.remainder(), cb.remainder());
-        for (x, y) in ca.zip(cb) {
-            for l in 0..8 {
-                acc[l] += x[l] * y[l];
-            }
-        }
-        let tail: f32 = ta.iter().zip(tb).map(|(x, y)| x * y).sum();
-        acc.iter().sum::<f32>() + tail
     }
 
     pub fn silu_mul(g: &[f32], u: &[f32], y: &mut [f32]) {

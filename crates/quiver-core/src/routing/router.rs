@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::kernels::dot;
 use crate::lora::{matmul_t, LinearAdapter};
 
 /// How the chosen experts are combined.
@@ -930,25 +931,6 @@ fn lift(z: &[f32], bt: &[f32], out: usize, y: &mut [f32]) {
     for (q, &zq) in z.iter().enumerate().skip(j) {
         axpy(zq, &bt[q * out..(q + 1) * out], y);
     }
-}
-
-/// Dot product with eight independent accumulators, so the compiler can
-/// vectorise it without reassociating a single sum.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
 }
 
 /// `y += c * x`.
