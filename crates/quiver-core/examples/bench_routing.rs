@@ -7,8 +7,14 @@
 //! FFN 1536, vocabulary 49152).
 //!
 //! ```text
-//! cargo run --release -p quiver-core --example bench_routing -- [--layers 30] [--batch 4] [--seq 128] [--sizes 8,64,256] [--reps 5] [--paths fast,grouped,reference] [--breakdown] [--micro]
+//! cargo run --release -p quiver-core --example bench_routing -- [--layers 30] [--batch 4] [--seq 128] [--sizes 8,64,256] [--reps 5] [--paths fast,grouped,reference] [--dims smollm2|phi2] [--breakdown] [--micro]
 //! ```
+//!
+//! `--dims phi2` uses Phi-2's widths instead (hidden 2560, 32 heads, FFN
+//! 10240, as a Llama-shaped model; pair it with `--layers 2`): the router's
+//! scoring costs `E * hidden` per token and layer against the layer's
+//! `hidden * (4 hidden + 3 ffn)`-ish matmuls, so its share shrinks as the
+//! model widens.
 //!
 //! `--breakdown` also reports how much of a routed forward is spent inside
 //! the routed adapters; `--micro` times one q_proj-sized layer's parts.
@@ -44,6 +50,7 @@ struct Args {
     paths: Vec<String>,
     micro: bool,
     breakdown: bool,
+    dims: String,
 }
 
 fn parse_args() -> Args {
@@ -57,6 +64,7 @@ fn parse_args() -> Args {
         paths: vec!["fast".into()],
         micro: false,
         breakdown: false,
+        dims: "smollm2".into(),
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -75,6 +83,7 @@ fn parse_args() -> Args {
                     .collect()
             }
             "--paths" => a.paths = val.split(',').map(String::from).collect(),
+            "--dims" => a.dims = val,
             "--micro" => {
                 a.micro = true;
                 i += 1;
@@ -90,6 +99,20 @@ fn parse_args() -> Args {
         i += 2;
     }
     a
+}
+
+fn config(dims: &str, layers: usize) -> LlamaConfig {
+    match dims {
+        "smollm2" => smollm2_config(layers),
+        "phi2" => serde_json::from_value(serde_json::json!({
+            "model_type": "llama", "vocab_size": 51200, "hidden_size": 2560,
+            "intermediate_size": 10240, "num_hidden_layers": layers, "num_attention_heads": 32,
+            "num_key_value_heads": 32, "rms_norm_eps": 1e-5, "max_position_embeddings": 2048,
+            "rope_theta": 10000.0, "tie_word_embeddings": true
+        }))
+        .expect("valid config"),
+        other => panic!("--dims {other}: expected smollm2 or phi2"),
+    }
 }
 
 fn smollm2_config(layers: usize) -> LlamaConfig {
@@ -221,10 +244,10 @@ fn main() {
         micro(&a);
         return;
     }
-    let cfg = smollm2_config(a.layers);
+    let cfg = config(&a.dims, a.layers);
     eprintln!(
-        "building a random SmolLM2-135M-sized model ({} layers)...",
-        a.layers
+        "building a random model with {} dimensions ({} layers)...",
+        a.dims, a.layers
     );
     let w = WeightMap::random(&cfg, 0, &Device::Cpu).unwrap();
     let base = Llama::new(&cfg, &w, &Device::Cpu).unwrap();
