@@ -21,18 +21,27 @@ fn cpu_f32(ts: &[&Tensor]) -> bool {
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
+/// The values of a contiguous f32 tensor's CPU storage (from
+/// `Tensor::storage_and_layout`), for code that runs its own loops over them.
+pub(crate) fn cpu_f32_slice<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+) -> Result<&'a [f32]> {
+    let candle_core::Storage::Cpu(c) = storage else {
+        candle_core::bail!("a CPU kernel got a tensor on another device");
+    };
+    let data = c.as_slice::<f32>()?;
+    let (lo, hi) = layout.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg("a CPU kernel got a non-contiguous tensor".into())
+    })?;
+    Ok(&data[lo..hi])
+}
+
 /// Calls `f` with the values of an f32 CPU tensor, row-major.
 fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(c) = &*storage else {
-        candle_core::bail!("a fused CPU kernel got a tensor on another device");
-    };
-    let data = c.as_slice::<f32>()?;
-    let (lo, hi) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("non-contiguous tensor".into()))?;
-    Ok(f(&data[lo..hi]))
+    Ok(f(cpu_f32_slice(&storage, layout)?))
 }
 
 type BackwardFn = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;

@@ -27,6 +27,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::kernels::dot;
 use crate::lora::{matmul_t, LinearAdapter};
+use crate::ops::cpu_f32_slice;
 
 /// How the chosen experts are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -635,9 +636,9 @@ impl RoutedLora {
         let mut weights = vec![0f32; n * k];
         {
             let (storage, layout) = x.storage_and_layout();
-            let data = cpu_slice(&storage, layout)?;
+            let data = cpu_f32_slice(&storage, layout)?;
             let (raw_storage, raw_layout) = raw.storage_and_layout();
-            let raw = cpu_slice(&raw_storage, raw_layout)?;
+            let raw = cpu_f32_slice(&raw_storage, raw_layout)?;
             // Blocks of at least 64 (token, expert) pairs, at most one per
             // thread: each block reads its experts' factors once.
             let pool = candle_core::utils::barrier_pool();
@@ -727,21 +728,6 @@ impl RoutedLora {
             }
         }
     }
-}
-
-/// The values of a contiguous f32 CPU tensor's storage.
-fn cpu_slice<'a>(
-    storage: &'a candle_core::Storage,
-    layout: &candle_core::Layout,
-) -> candle_core::Result<&'a [f32]> {
-    let candle_core::Storage::Cpu(c) = storage else {
-        candle_core::bail!("the CPU routing loop got a tensor on another device");
-    };
-    let s = c.as_slice::<f32>()?;
-    let (lo, hi) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("non-contiguous input".into()))?;
-    Ok(&s[lo..hi])
 }
 
 /// The two inner loops of the CPU path: `z = A x` and `y += B z`.
