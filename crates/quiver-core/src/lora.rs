@@ -17,6 +17,32 @@ use candle_core::{Module, Result, Tensor};
 /// * `xs`: `(b_sz, seq_len, in)`; returns `(b_sz, seq_len, out)`.
 pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
     fn delta(&self, xs: &Tensor) -> Result<Tensor>;
+
+    /// Rows `(extra, in)` the layer may append to its weight, so that one
+    /// matmul computes both its base output and these products of the
+    /// input (a router's prototype scores): a wider matmul instead of two,
+    /// with the input packed once. `None` (the default): no fusion.
+    fn fused_rows(&self) -> Option<&Tensor> {
+        None
+    }
+
+    /// The layer's output (base + bias + this adapter's term) from its
+    /// input and the fused product. Called only when
+    /// [`LinearAdapter::fused_rows`] gave rows.
+    ///
+    /// # Shapes
+    /// * `fused`: `(.., out + extra)`, the base output in the first `out`
+    ///   columns (bias not added), `xs @ rows^T` in the last `extra`.
+    fn forward_fused(&self, xs: &Tensor, fused: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let extra = self.fused_rows().map_or(0, |r| r.dims()[0]);
+        let out = fused.dim(candle_core::D::Minus1)? - extra;
+        let base = fused.narrow(candle_core::D::Minus1, 0, out)?;
+        let base = match bias {
+            Some(b) => base.broadcast_add(b)?,
+            None => base,
+        };
+        base + self.delta(xs)?
+    }
 }
 
 /// One LoRA adapter on one linear layer.
@@ -75,6 +101,10 @@ pub struct LoraLinear {
     adapter: Option<Arc<dyn LinearAdapter>>,
     /// The weight quantized for small-batch inference ([`LoraLinear::quantize`]).
     quantized: Option<Quantized>,
+    /// `[W; rows]` when the adapter asked for fused rows
+    /// ([`LinearAdapter::fused_rows`]); `weight` is then a view of its first
+    /// `out` rows, so the base weight is not held twice.
+    fused: Option<Tensor>,
 }
 
 /// A quantized copy of a layer's weight.
@@ -120,6 +150,7 @@ impl LoraLinear {
             bias,
             adapter: None,
             quantized: None,
+            fused: None,
         }
     }
 
@@ -148,6 +179,12 @@ impl LoraLinear {
             candle_core::quantized::QMatMul::from_qtensor(q)?,
         )));
         Ok(true)
+    }
+
+    /// Whether the adapter's [`LinearAdapter::fused_rows`] ride along with
+    /// the base weight's matmul.
+    pub fn is_fused(&self) -> bool {
+        self.fused.is_some()
     }
 
     /// Whether [`LoraLinear::quantize`] gave this layer a quantized weight.
@@ -180,8 +217,43 @@ impl LoraLinear {
         self.adapter.as_ref()
     }
 
+    /// Installs (or removes) the adapter. An adapter with
+    /// [`LinearAdapter::fused_rows`] gets them appended to an f32 CPU
+    /// weight; where that is not possible the layer runs unfused, which
+    /// computes the same output.
     pub fn set_adapter(&mut self, adapter: Option<Arc<dyn LinearAdapter>>) {
+        if self.fused.take().is_some() {
+            // Own the base weight again, so the old rows can be freed.
+            if let Ok(w) = self.weight.copy() {
+                self.weight = w;
+            }
+        }
+        if let Some(rows) = adapter.as_ref().and_then(|a| a.fused_rows()) {
+            self.fused = self.fuse(rows).ok().flatten();
+        }
         self.adapter = adapter;
+    }
+
+    /// `[W; rows]`, with `weight` re-pointed at its first rows.
+    fn fuse(&mut self, rows: &Tensor) -> Result<Option<Tensor>> {
+        let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+        if !f32_cpu(&self.weight) || !f32_cpu(rows) || rows.dims2()?.1 != self.in_features() {
+            return Ok(None);
+        }
+        let out = self.out_features();
+        let fused = Tensor::cat(&[&self.weight, rows], 0)?;
+        self.weight = fused.narrow(0, 0, out)?;
+        Ok(Some(fused))
+    }
+
+    /// The fused weight, when this input should use it: inference in f32
+    /// on more rows than the quantized weight serves.
+    fn fused_for(&self, xs: &Tensor) -> Option<&Tensor> {
+        let rows = xs.elem_count() / self.in_features().max(1);
+        let quantized = self.quantized.is_some() && rows <= QUANTIZED_MAX_ROWS;
+        self.fused
+            .as_ref()
+            .filter(|_| !quantized && !xs.track_op() && xs.dtype() == candle_core::DType::F32)
     }
 
     /// The base layer alone, ignoring any adapter.
@@ -226,10 +298,15 @@ impl LoraLinear {
 
 impl Module for LoraLinear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let ys = self.forward_base(xs)?;
         match &self.adapter {
-            Some(adapter) => ys + adapter.delta(xs)?,
-            None => Ok(ys),
+            Some(adapter) => match self.fused_for(xs) {
+                Some(fused) => {
+                    let ys = matmul_t(xs, fused)?;
+                    adapter.forward_fused(xs, &ys, self.bias.as_ref())
+                }
+                None => self.forward_base(xs)? + adapter.delta(xs)?,
+            },
+            None => self.forward_base(xs),
         }
     }
 }

@@ -625,12 +625,36 @@ impl RoutedLora {
     /// The fast CPU path: logits, top-k selection and
     /// [`RoutedLora::grouped`]'s computation as plain loops over f32 slices,
     /// one block of tokens per thread of candle's pool (LoRA ranks are tiny,
-    /// so candle's per-op overhead would dominate the work). `raw` is
-    /// [`Selector::raw_logits`], read in place.
-    fn cpu_fast(&self, x2: &Tensor, raw: &Tensor) -> candle_core::Result<(Selection, Tensor)> {
+    /// so candle's per-op overhead would dominate the work). The router's
+    /// products are read in place from `scores`; with
+    /// [`Scores::WithBase`] each token's output starts from the base
+    /// output beside them (plus bias) and the result is the layer's whole
+    /// output, otherwise the adapter's term alone.
+    fn cpu_fast(
+        &self,
+        x2: &Tensor,
+        scores: Scores<'_>,
+    ) -> candle_core::Result<(Selection, Tensor)> {
         let (n, inp, out) = (x2.dims()[0], self.inp, self.out);
         let (e, k) = (self.n_experts(), self.selector.top_k);
         let x = x2.to_dtype(DType::F32)?.contiguous()?;
+        let (raw, base, bias) = match scores {
+            Scores::Alone(raw) => (raw.contiguous()?, 0, None),
+            Scores::WithBase { fused, bias } => {
+                let bias = bias
+                    .map(|b| b.to_dtype(DType::F32)?.contiguous())
+                    .transpose()?;
+                (fused.contiguous()?, out, bias)
+            }
+        };
+        let stride = base + e;
+        if raw.elem_count() != n * stride {
+            candle_core::bail!(
+                "layer `{}`: router products of shape {:?} for {n} tokens and {e} experts",
+                self.layer,
+                raw.dims()
+            )
+        }
         let mut y = vec![0f32; n * out];
         let mut experts = vec![0u32; n * k];
         let mut weights = vec![0f32; n * k];
@@ -639,6 +663,11 @@ impl RoutedLora {
             let data = cpu_f32_slice(&storage, layout)?;
             let (raw_storage, raw_layout) = raw.storage_and_layout();
             let raw = cpu_f32_slice(&raw_storage, raw_layout)?;
+            let bias_guard = bias.as_ref().map(|b| b.storage_and_layout());
+            let bias = match &bias_guard {
+                Some((s, l)) => Some(cpu_f32_slice(s, l)?),
+                None => None,
+            };
             // Blocks of at least 64 (token, expert) pairs, at most one per
             // thread: each block reads its experts' factors once.
             let pool = candle_core::utils::barrier_pool();
@@ -654,12 +683,22 @@ impl RoutedLora {
             let run = |b: usize| {
                 let (t0, t1) = (b * per, ((b + 1) * per).min(n));
                 let mut logits = vec![0f32; (t1 - t0) * e];
-                self.selector
-                    .finish_logits(&raw[t0 * e..t1 * e], &mut logits);
+                for (t, l) in (t0..t1).zip(logits.chunks_exact_mut(e)) {
+                    let row = &raw[t * stride..(t + 1) * stride];
+                    self.selector.finish_logits(&row[base..], l);
+                }
                 let sel = select_top_k(&logits, t1 - t0, e, k);
                 let mut part = parts[b].lock().expect("one thread per block");
                 part.1.copy_from_slice(&sel.experts);
                 part.2.copy_from_slice(&sel.weights);
+                if base > 0 {
+                    for (t, yt) in (t0..t1).zip(part.0.chunks_exact_mut(out)) {
+                        yt.copy_from_slice(&raw[t * stride..t * stride + out]);
+                        if let Some(bias) = bias {
+                            yt.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
+                        }
+                    }
+                }
                 self.cpu_range(&data[t0 * inp..t1 * inp], &sel, 0, t1 - t0, part.0);
             };
             if parts.len() == 1 {
@@ -927,7 +966,73 @@ fn axpy(c: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// Where [`RoutedLora::cpu_fast`] reads the router's products.
+enum Scores<'a> {
+    /// [`Selector::raw_logits`]: `(n, E)`.
+    Alone(&'a Tensor),
+    /// The layer's fused matmul (`(n, out + E)`, see
+    /// [`LinearAdapter::fused_rows`]) and its bias.
+    WithBase {
+        fused: &'a Tensor,
+        bias: Option<&'a Tensor>,
+    },
+}
+
+impl RoutedLora {
+    /// Counts the decision and shows it to the observer.
+    fn report(&self, dims: &[usize], sel: &Selection) {
+        if let Some(u) = &self.usage {
+            u.record(sel);
+        }
+        if let Some(obs) = &self.observer {
+            let n = sel.experts.len() / sel.k.max(1);
+            let (b_sz, seq_len) = match dims.len() {
+                3 => (dims[0], dims[1]),
+                _ => (1, n),
+            };
+            obs.on_route(&RouteDecision {
+                layer: &self.layer,
+                names: &self.names,
+                b_sz,
+                seq_len,
+                selection: sel,
+            });
+        }
+    }
+}
+
 impl LinearAdapter for RoutedLora {
+    /// The prototypes, for the CPU fast path of a selector that scores the
+    /// input as it is (Arrow, mu; not PHATGOOSE, which standardises it).
+    fn fused_rows(&self) -> Option<&Tensor> {
+        let plain = self.selector.kind != SelectorKind::Phatgoose;
+        (plain && self.path == RoutePath::Fast && self.cpu.is_some())
+            .then_some(&self.selector.prototypes)
+    }
+
+    fn forward_fused(
+        &self,
+        xs: &Tensor,
+        fused: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let dims = xs.dims().to_vec();
+        let inp = *dims.last().expect("rank >= 1");
+        let n = xs.elem_count() / inp.max(1);
+        let fused = fused.reshape((n, ()))?;
+        let (sel, y) = self.cpu_fast(
+            &xs.reshape((n, inp))?,
+            Scores::WithBase {
+                fused: &fused,
+                bias,
+            },
+        )?;
+        self.report(&dims, &sel);
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("rank >= 1") = self.out;
+        y.reshape(out_dims)?.to_dtype(xs.dtype())
+    }
+
     fn delta(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let dims = xs.dims().to_vec();
         let inp = *dims.last().expect("rank >= 1");
@@ -935,7 +1040,7 @@ impl LinearAdapter for RoutedLora {
         let x2 = xs.reshape((n, inp))?;
         let (sel, y) = match self.path {
             RoutePath::Fast if self.cpu.is_some() && xs.device().is_cpu() => {
-                self.cpu_fast(&x2, &self.selector.raw_logits(&x2)?)?
+                self.cpu_fast(&x2, Scores::Alone(&self.selector.raw_logits(&x2)?))?
             }
             path => {
                 let logits = self.selector.logits(&x2)?;
@@ -947,22 +1052,7 @@ impl LinearAdapter for RoutedLora {
                 (sel, y)
             }
         };
-        if let Some(u) = &self.usage {
-            u.record(&sel);
-        }
-        if let Some(obs) = &self.observer {
-            let (b_sz, seq_len) = match dims.len() {
-                3 => (dims[0], dims[1]),
-                _ => (1, n),
-            };
-            obs.on_route(&RouteDecision {
-                layer: &self.layer,
-                names: &self.names,
-                b_sz,
-                seq_len,
-                selection: &sel,
-            });
-        }
+        self.report(&dims, &sel);
         let mut out_dims = dims;
         *out_dims.last_mut().expect("rank >= 1") = self.out;
         y.reshape(out_dims)?.to_dtype(xs.dtype())
@@ -972,6 +1062,67 @@ impl LinearAdapter for RoutedLora {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A routed layer with a bias, fused ([`LinearAdapter::fused_rows`])
+    /// and not: the same output for every selector that fuses, and the
+    /// base layer unchanged once the adapter is removed.
+    #[test]
+    fn fused_layer_equals_unfused_layer() -> candle_core::Result<()> {
+        use crate::lora::LoraLinear;
+        use candle_core::Module;
+        let dev = Device::Cpu;
+        let (e, r, inp, out) = (6, 3, 16, 12);
+        let w = Tensor::randn(0f32, 1.0, (out, inp), &dev)?;
+        let bias = Tensor::randn(0f32, 1.0, out, &dev)?;
+        let protos = Tensor::randn(0f32, 1.0, (e, inp), &dev)?;
+        let names = Arc::new((0..e).map(|i| format!("e{i}")).collect::<Vec<_>>());
+        let factors = || -> candle_core::Result<LayerFactors> {
+            (0..e)
+                .map(|i| {
+                    Ok((
+                        Tensor::randn(0f32, 1.0, (r, inp), &dev)?,
+                        Tensor::randn(0f32, 1.0, (out, r), &dev)?,
+                        0.5 + i as f64,
+                    ))
+                })
+                .collect()
+        };
+        let x = Tensor::randn(0f32, 1.0, (2, 9, inp), &dev)?;
+        let plain = LoraLinear::new("q", w.clone(), Some(bias.clone()));
+        let before = plain.forward(&x)?;
+        for (kind, mix) in [
+            (SelectorKind::Arrow, MixMode::Output),
+            (SelectorKind::Arrow, MixMode::Factor),
+            (SelectorKind::Mu, MixMode::Output),
+        ] {
+            let f = factors()?;
+            let layer = |path: RoutePath| -> crate::Result<LoraLinear> {
+                let sel = Selector::new(kind, &protos, 2.0, 2, &dev)?;
+                let routed = RoutedLora::new("q", names.clone(), f.clone(), sel, mix, path, &dev)?;
+                let mut lin = plain.clone();
+                lin.set_adapter(Some(Arc::new(routed)));
+                Ok(lin)
+            };
+            let fused = layer(RoutePath::Fast).expect("layer");
+            let unfused = layer(RoutePath::Grouped).expect("layer");
+            assert!(fused.is_fused() && !unfused.is_fused());
+            let d = (fused.forward(&x)? - unfused.forward(&x)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(d < 1e-4, "{kind:?} {mix:?}: {d}");
+            let mut removed = fused.clone();
+            removed.set_adapter(None);
+            assert!(!removed.is_fused());
+            assert_eq!(removed.weight().dims(), [out, inp]);
+            let d = (removed.forward(&x)? - &before)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert_eq!(d, 0.0);
+        }
+        Ok(())
+    }
 
     #[test]
     fn top_k_is_sorted_and_softmaxed_with_stable_ties() {
