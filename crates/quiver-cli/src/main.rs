@@ -15,6 +15,7 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    quiver_core::threads::fix_thread_count();
     quiver_core::alloc::keep_freed_memory();
     let cli = args::Cli::parse();
     progress::init_logging(&cli.global);

@@ -271,6 +271,7 @@ fn micro(a: &Args) {
 }
 
 fn main() {
+    quiver_core::threads::fix_thread_count();
     quiver_core::alloc::keep_freed_memory();
     let a = parse_args();
     if a.micro {

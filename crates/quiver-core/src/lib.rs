@@ -19,6 +19,7 @@ pub mod models;
 pub mod ops;
 pub mod routing;
 pub mod score;
+pub mod threads;
 pub mod tokenizer;
 pub mod train;
 pub mod transform;
