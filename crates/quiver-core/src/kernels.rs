@@ -653,6 +653,18 @@ mod tests {
 pub mod q4 {
     use super::{avx2, par_rows, Shared};
 
+    /// The 4-bit kernel also converts f16 scales (F16C).
+    fn avx2_f16c() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            avx2() && std::arch::is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
     /// Weights per block.
     pub const BLOCK: usize = 32;
 
@@ -661,10 +673,12 @@ pub mod q4 {
     pub struct Q4Matrix {
         rows: usize,
         cols: usize,
-        /// `rows * cols / 32` block scales, row-major.
-        scales: Vec<f32>,
+        /// `rows * cols / 32` block scales, row-major, as f16 bits (as in
+        /// GGUF's Q4_1: decoding reads every weight once per token, so the
+        /// 20 bytes per block instead of 24 are 17% less memory traffic).
+        scales: Vec<u16>,
         /// The blocks' minimums, likewise.
-        mins: Vec<f32>,
+        mins: Vec<u16>,
         /// 16 bytes per block: byte `j` holds weight `j` (low nibble) and
         /// weight `j + 16` (high nibble).
         quants: Vec<u8>,
@@ -701,11 +715,15 @@ pub mod q4 {
             for block in w.chunks_exact(BLOCK) {
                 let lo = block.iter().fold(f32::INFINITY, |m, &v| m.min(v));
                 let hi = block.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                let d = (hi - lo) / 15.0;
+                // The grid is the one stored (f16 step and minimum), so
+                // every weight is within half a stored step of its value.
+                let d16 = half::f16::from_f32((hi - lo) / 15.0);
+                let m16 = half::f16::from_f32(lo);
+                let (d, m) = (d16.to_f32(), m16.to_f32());
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                let q = |v: f32| (((v - lo) * id + 0.5) as i32).clamp(0, 15) as u8;
-                scales.push(d);
-                mins.push(lo);
+                let q = |v: f32| ((v - m) * id).round().clamp(0.0, 15.0) as u8;
+                scales.push(d16.to_bits());
+                mins.push(m16.to_bits());
                 for j in 0..16 {
                     quants.push(q(block[j]) | (q(block[j + 16]) << 4));
                 }
@@ -727,10 +745,20 @@ pub mod q4 {
             self.cols
         }
 
+        /// Block `blk`'s scale.
+        fn scale(&self, blk: usize) -> f32 {
+            half::f16::from_bits(self.scales[blk]).to_f32()
+        }
+
+        /// Block `blk`'s minimum.
+        fn min(&self, blk: usize) -> f32 {
+            half::f16::from_bits(self.mins[blk]).to_f32()
+        }
+
         /// The weights as stored, back in f32 (row-major).
         pub fn dequantize(&self) -> Vec<f32> {
             let mut out = Vec::with_capacity(self.rows * self.cols);
-            let blocks = self.scales.iter().zip(&self.mins);
+            let blocks = (0..self.scales.len()).map(|b| (self.scale(b), self.min(b)));
             for ((d, m), q) in blocks.zip(self.quants.chunks_exact(16)) {
                 out.extend(q.iter().map(|b| d * (b & 15) as f32 + m));
                 out.extend(q.iter().map(|b| d * (b >> 4) as f32 + m));
@@ -770,9 +798,9 @@ pub mod q4 {
         /// Dot products of rows `r..r + m` (`m <= 4`) with one activation row.
         fn dot_rows(&self, r: usize, m: usize, nb: usize, x: &Q8Row, acc: &mut [f32; 4]) {
             #[cfg(target_arch = "x86_64")]
-            if avx2() && m == 4 {
-                // SAFETY: the CPU has AVX2 and FMA (checked above); rows
-                // r..r + 4 exist.
+            if avx2_f16c() && m == 4 {
+                // SAFETY: the CPU has AVX2, FMA and F16C (checked above);
+                // rows r..r + 4 exist.
                 unsafe { simd::dot4(self, r, nb, x, acc) };
                 return;
             }
@@ -791,7 +819,7 @@ pub mod q4 {
                 for j in 0..16 {
                     s += (q[j] & 15) as i32 * xq[j] as i32 + (q[j] >> 4) as i32 * xq[j + 16] as i32;
                 }
-                sum += self.scales[blk] * x.d[b] * s as f32 + self.mins[blk] * x.sum[b];
+                sum += self.scale(blk) * x.d[b] * s as f32 + self.min(blk) * x.sum[b];
             }
             sum
         }
@@ -844,15 +872,19 @@ pub mod q4 {
         /// [`Q8Row::pairs`]; the two integer products add up per block in
         /// the lanes 0-3 and 4-7 of one vector (at most 2 * 2 * 15 * 127 per
         /// 16-bit lane, no overflow), scaled by both blocks' scales at once.
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         pub(super) fn dot4(w: &Q4Matrix, r: usize, nb: usize, x: &Q8Row, out: &mut [f32; 4]) {
             assert!((r + 4) * nb * 16 <= w.quants.len() && x.q.len() >= nb * BLOCK);
             assert!(x.pairs.len() >= nb / 2 * 2 * BLOCK && x.pair_d.len() >= nb / 2 * 8);
+            assert!(w.scales.len() >= (r + 4) * nb && w.mins.len() >= (r + 4) * nb);
             let low = _mm256_set1_epi8(15);
             let low128 = _mm_set1_epi8(15);
             let ones = _mm256_set1_epi16(1);
+            // Lanes 0-3 from the first f16, lanes 4-7 from the second.
+            let spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
             let mut acc = [_mm256_setzero_ps(); 4];
-            let mut corr = [0f32; 4];
+            // Per row: lanes 0 and 1 add up min * sum(x) of even and odd blocks.
+            let mut corr = [_mm_setzero_ps(); 4];
             for p in 0..nb / 2 {
                 // SAFETY: pair p of the activations holds 64 bytes and 8
                 // scales, and blocks 2p, 2p + 1 of rows r..r + 4 of the
@@ -862,7 +894,9 @@ pub mod q4 {
                     let xhi =
                         _mm256_loadu_si256(x.pairs.as_ptr().add(p * 64 + 32) as *const __m256i);
                     let dx = _mm256_loadu_ps(x.pair_d.as_ptr().add(p * 8));
-                    let (s0, s1) = (x.sum[2 * p], x.sum[2 * p + 1]);
+                    let sx = _mm_castsi128_ps(_mm_loadl_epi64(
+                        x.sum.as_ptr().add(2 * p) as *const __m128i
+                    ));
                     for i in 0..4 {
                         let blk = (r + i) * nb + 2 * p;
                         let bytes =
@@ -874,17 +908,24 @@ pub mod q4 {
                             _mm256_maddubs_epi16(hi, xhi),
                         );
                         let p32 = _mm256_madd_epi16(p16, ones);
-                        let dw = _mm256_set_m128(
-                            _mm_set1_ps(*w.scales.get_unchecked(blk + 1)),
-                            _mm_set1_ps(*w.scales.get_unchecked(blk)),
+                        // Both blocks' f16 scales (and minimums) in one
+                        // 32-bit load each.
+                        let two = |v: &[u16]| {
+                            _mm_cvtph_ps(_mm_cvtsi32_si128(
+                                (v.as_ptr().add(blk) as *const i32).read_unaligned(),
+                            ))
+                        };
+                        let dw = _mm256_permutevar8x32_ps(
+                            _mm256_castps128_ps256(two(&w.scales)),
+                            spread,
                         );
                         acc[i] =
                             _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_mul_ps(dw, dx), acc[i]);
-                        corr[i] +=
-                            *w.mins.get_unchecked(blk) * s0 + *w.mins.get_unchecked(blk + 1) * s1;
+                        corr[i] = _mm_fmadd_ps(two(&w.mins), sx, corr[i]);
                     }
                 }
             }
+            let mut tail = [0f32; 4];
             if nb % 2 == 1 {
                 // The last block alone.
                 let b = nb - 1;
@@ -901,10 +942,10 @@ pub mod q4 {
                         let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), low128);
                         let q = _mm256_set_m128i(hi, lo);
                         let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);
-                        let dw = *w.scales.get_unchecked(blk);
+                        let dw = w.scale(blk);
                         acc[i] =
                             _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * dx), acc[i]);
-                        corr[i] += *w.mins.get_unchecked(blk) * x.sum[b];
+                        tail[i] = w.min(blk) * x.sum[b];
                     }
                 }
             }
@@ -912,7 +953,13 @@ pub mod q4 {
                 let mut l = [0f32; 8];
                 // SAFETY: `l` holds 8 values.
                 unsafe { _mm256_storeu_ps(l.as_mut_ptr(), acc[i]) };
-                out[i] = (l[0] + l[4]) + (l[1] + l[5]) + ((l[2] + l[6]) + (l[3] + l[7])) + corr[i];
+                let mut c = [0f32; 4];
+                // SAFETY: `c` holds 4 values.
+                unsafe { _mm_storeu_ps(c.as_mut_ptr(), corr[i]) };
+                out[i] = (l[0] + l[4])
+                    + (l[1] + l[5])
+                    + ((l[2] + l[6]) + (l[3] + l[7]))
+                    + (c[0] + c[1] + tail[i]);
             }
         }
     }
@@ -940,9 +987,12 @@ pub mod q4 {
             let q = Q4Matrix::quantize(&w, rows, cols).unwrap();
             let back = q.dequantize();
             for (b, (wb, qb)) in w.chunks(BLOCK).zip(back.chunks(BLOCK)).enumerate() {
-                let d = q.scales[b];
+                let d = q.scale(b);
                 for (a, c) in wb.iter().zip(qb) {
-                    assert!((a - c).abs() <= d * 0.5 + 1e-6, "block {b}: {a} vs {c}");
+                    // Half a step, plus the f16 rounding of the minimum
+                    // at the block's ends.
+                    let tol = d * 0.5 + 4.9e-4 * a.abs() + 1e-6;
+                    assert!((a - c).abs() <= tol, "block {b}: {a} vs {c}");
                 }
             }
             // Weights that are already 4-bit (a Q4_1 GGUF file's, dequantized)
@@ -982,7 +1032,7 @@ pub mod q4 {
                     for r in 0..rows {
                         let want: f64 = (0..cols)
                             .map(|c| {
-                                let m = q.mins[(r * cols + c) / BLOCK] as f64;
+                                let m = q.min((r * cols + c) / BLOCK) as f64;
                                 (wd[r * cols + c] as f64 - m) * xd[c] + m * x[t * cols + c] as f64
                             })
                             .sum();
