@@ -720,6 +720,56 @@ pub mod q4 {
         pair_d: Vec<f32>,
     }
 
+    /// Bytes of one group of 4 rows of `nb` blocks each.
+    fn group_bytes(nb: usize) -> usize {
+        nb / 2 * PAIR_BYTES + nb % 2 * TAIL_BYTES
+    }
+
+    /// Where block `b` of row `r` lives, for rows of `nb` blocks (see
+    /// [`Q4Matrix`] for the layout).
+    fn block_at(nb: usize, r: usize, b: usize) -> BlockAt {
+        let (g, i) = (r / 4, r % 4);
+        let group = g * group_bytes(nb);
+        if b < nb / 2 * 2 {
+            let (p, h) = (b / 2, b % 2);
+            let base = group + p * PAIR_BYTES;
+            BlockAt {
+                q: base + i * 32 + h * 16,
+                d: base + 128 + i * 4 + h * 2,
+                m: base + 144 + i * 4 + h * 2,
+            }
+        } else {
+            let base = group + nb / 2 * PAIR_BYTES;
+            BlockAt {
+                q: base + i * 16,
+                d: base + 64 + i * 2,
+                m: base + 72 + i * 2,
+            }
+        }
+    }
+
+    /// Quantizes up to 4 rows (`w`, `nb` blocks each) into one group's bytes.
+    fn quantize_group(w: &[f32], nb: usize, out: &mut [u8]) {
+        for (blk, block) in w.chunks_exact(BLOCK).enumerate() {
+            let at = block_at(nb, blk / nb, blk % nb);
+            let lo = block.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+            let hi = block.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            // The grid is the one stored (f16 step and minimum), so every
+            // weight is within half a stored step of its value.
+            let d16 = half::f16::from_f32((hi - lo) / 15.0);
+            let m16 = half::f16::from_f32(lo);
+            let (d, mn) = (d16.to_f32(), m16.to_f32());
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            // Round half up (as ggml), without a libm call per weight.
+            let q = |v: f32| (((v - mn) * id + 0.5) as i32).clamp(0, 15) as u8;
+            for j in 0..16 {
+                out[at.q + j] = q(block[j]) | (q(block[j + 16]) << 4);
+            }
+            out[at.d..at.d + 2].copy_from_slice(&d16.to_bits().to_le_bytes());
+            out[at.m..at.m + 2].copy_from_slice(&m16.to_bits().to_le_bytes());
+        }
+    }
+
     impl Q4Matrix {
         /// Quantizes a row-major `(rows, cols)` matrix; `None` unless `cols`
         /// is a multiple of [`BLOCK`].
@@ -727,31 +777,24 @@ pub mod q4 {
             if cols == 0 || !cols.is_multiple_of(BLOCK) || w.len() != rows * cols {
                 return None;
             }
-            let mut m = Self {
-                rows,
-                cols,
-                data: Vec::new(),
-            };
-            m.data = vec![0u8; rows.div_ceil(4) * m.group_bytes()];
             let nb = cols / BLOCK;
-            for (blk, block) in w.chunks_exact(BLOCK).enumerate() {
-                let at = m.at(blk / nb, blk % nb);
-                let lo = block.iter().fold(f32::INFINITY, |m, &v| m.min(v));
-                let hi = block.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                // The grid is the one stored (f16 step and minimum), so
-                // every weight is within half a stored step of its value.
-                let d16 = half::f16::from_f32((hi - lo) / 15.0);
-                let m16 = half::f16::from_f32(lo);
-                let (d, mn) = (d16.to_f32(), m16.to_f32());
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                let q = |v: f32| ((v - mn) * id).round().clamp(0.0, 15.0) as u8;
-                for j in 0..16 {
-                    m.data[at.q + j] = q(block[j]) | (q(block[j + 16]) << 4);
+            let gb = group_bytes(nb);
+            let mut data = vec![0u8; rows.div_ceil(4) * gb];
+            // Groups of 4 rows are independent: split them between threads.
+            let threads = candle_core::utils::get_num_threads().max(1);
+            let per = rows.div_ceil(4).div_ceil(threads).max(1);
+            std::thread::scope(|s| {
+                for (c, chunk) in data.chunks_mut(per * gb).enumerate() {
+                    s.spawn(move || {
+                        for (g, group) in chunk.chunks_mut(gb).enumerate() {
+                            let r0 = (c * per + g) * 4;
+                            let r1 = (r0 + 4).min(rows);
+                            quantize_group(&w[r0 * cols..r1 * cols], nb, group);
+                        }
+                    });
                 }
-                m.data[at.d..at.d + 2].copy_from_slice(&d16.to_bits().to_le_bytes());
-                m.data[at.m..at.m + 2].copy_from_slice(&m16.to_bits().to_le_bytes());
-            }
-            Some(m)
+            });
+            Some(Self { rows, cols, data })
         }
 
         pub fn rows(&self) -> usize {
@@ -768,31 +811,11 @@ pub mod q4 {
 
         /// Bytes of one group of 4 rows.
         fn group_bytes(&self) -> usize {
-            let nb = self.nb();
-            nb / 2 * PAIR_BYTES + nb % 2 * TAIL_BYTES
+            group_bytes(self.nb())
         }
 
-        /// See [`Q4Matrix`] for the layout.
         fn at(&self, r: usize, b: usize) -> BlockAt {
-            let (g, i) = (r / 4, r % 4);
-            let nb = self.nb();
-            let group = g * self.group_bytes();
-            if b < nb / 2 * 2 {
-                let (p, h) = (b / 2, b % 2);
-                let base = group + p * PAIR_BYTES;
-                BlockAt {
-                    q: base + i * 32 + h * 16,
-                    d: base + 128 + i * 4 + h * 2,
-                    m: base + 144 + i * 4 + h * 2,
-                }
-            } else {
-                let base = group + nb / 2 * PAIR_BYTES;
-                BlockAt {
-                    q: base + i * 16,
-                    d: base + 64 + i * 2,
-                    m: base + 72 + i * 2,
-                }
-            }
+            block_at(self.nb(), r, b)
         }
 
         fn f16_at(&self, pos: usize) -> f32 {
@@ -800,11 +823,13 @@ pub mod q4 {
         }
 
         /// Block `blk`'s step (blocks numbered row-major, `cols / 32` per row).
+        #[cfg(test)]
         fn scale(&self, blk: usize) -> f32 {
             self.f16_at(self.at(blk / self.nb(), blk % self.nb()).d)
         }
 
         /// Block `blk`'s minimum.
+        #[cfg(test)]
         fn min(&self, blk: usize) -> f32 {
             self.f16_at(self.at(blk / self.nb(), blk % self.nb()).m)
         }
