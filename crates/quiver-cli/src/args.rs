@@ -79,11 +79,12 @@ pub struct ModelArgs {
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// `q8_0`: also keep every linear weight quantized to 8 bits (blocks of 32) and use it
-    /// for token-by-token decoding on the CPU, where reading weights from memory is the
-    /// cost (about 2x faster generation; numbers differ slightly from f32). `q4_1`: the
-    /// same with 4 bits per weight, as SmolLM2's GGUF file stores them (about 3x faster;
-    /// coarser on models that were not 4-bit already). Batched scoring and training keep
-    /// the full-precision weights. `none` (default) is exact.
+    /// on the CPU for inputs of at most 16 tokens (token-by-token decoding, short prompts),
+    /// where reading weights from memory is the cost (about 2x faster generation; numbers
+    /// differ slightly from f32). `q4_1`: the same with 4 bits per weight, as SmolLM2's
+    /// GGUF file stores them (about 4x faster; coarser on models that were not 4-bit
+    /// already). Longer inputs (batched scoring) and training keep the full-precision
+    /// weights. `none` (default) is exact.
     #[arg(long, default_value = "none", value_parser = ["none", "q8_0", "q8", "q4_1", "q4"])]
     pub quantize: String,
 }

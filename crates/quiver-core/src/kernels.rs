@@ -912,7 +912,13 @@ pub mod q4 {
             let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
             let s = amax / 127.0;
             let id = if s != 0.0 { 1.0 / s } else { 0.0 };
-            q.extend(block.iter().map(|&v| (v * id).round() as i8));
+            // Nearest integer (ties to even) by the 1.5 * 2^23 trick, exact
+            // for |v| <= 127 and without a libm call per value.
+            q.extend(
+                block
+                    .iter()
+                    .map(|&v| ((v * id + 12_582_912.0) - 12_582_912.0) as i8),
+            );
             d.push(s);
             sum.push(block.iter().sum());
         }

@@ -2,8 +2,9 @@
 //!
 //! Our own model code rather than candle-transformers': every projection is
 //! a [`LoraLinear`], the ops switch between fused and differentiable forms
-//! by themselves (`crate::ops`), and the KV cache can be cloned so that one
-//! context is encoded once and reused for several continuations.
+//! by themselves (`crate::ops`), and the KV cache can be cloned (or
+//! repeated along the batch) so that one context is encoded once and reused
+//! for several continuations.
 
 use candle_core::{DType, Device, Module, Tensor};
 
@@ -15,17 +16,100 @@ use crate::ops;
 
 /// Per-layer cached keys and values.
 ///
-/// Cloning is cheap (tensors are reference counted), which is how a shared
-/// prefix is reused.
-#[derive(Debug, Clone, Default)]
+/// Each layer keeps buffers with room to spare and writes new positions in
+/// place: decoding token by token appends one position per layer and step
+/// instead of copying the whole cache (which `Tensor::cat` did, a cost that
+/// grew with the length). A clone copies the filled part, so the original
+/// and the clone can each be extended on their own.
+#[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
+}
+
+/// One layer's keys and values: buffers `(b_sz, n_kv_head, capacity,
+/// head_dim)` whose first `len` positions are filled.
+#[derive(Debug)]
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+/// Positions a layer's buffers hold at least: growth doubles from here.
+const KV_MIN_CAPACITY: usize = 64;
+
+impl LayerKv {
+    /// Buffers of `capacity` positions holding `k` and `v` (`(b, n_kv,
+    /// len, hd)`, `len <= capacity`).
+    fn with(k: &Tensor, v: &Tensor, capacity: usize) -> candle_core::Result<Self> {
+        let (b, nkv, len, hd) = k.dims4()?;
+        let kb = Tensor::zeros((b, nkv, capacity, hd), k.dtype(), k.device())?;
+        let vb = Tensor::zeros((b, nkv, capacity, hd), v.dtype(), v.device())?;
+        kb.slice_set(&k.contiguous()?, 2, 0)?;
+        vb.slice_set(&v.contiguous()?, 2, 0)?;
+        Ok(Self { k: kb, v: vb, len })
+    }
+
+    /// The filled part, as views into the buffers.
+    fn filled(&self) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((
+            self.k.narrow(2, 0, self.len)?,
+            self.v.narrow(2, 0, self.len)?,
+        ))
+    }
+
+    /// Appends `k` and `v` (`(b, n_kv, s, hd)`) to the layer's cache and
+    /// returns all cached keys and values.
+    fn append(
+        slot: &mut Option<LayerKv>,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let s = k.dim(2)?;
+        let (len, cap) = slot.as_ref().map_or((0, 0), |l| (l.len, l.k.dims()[2]));
+        if len + s > cap {
+            let cap = (len + s).next_power_of_two().max(KV_MIN_CAPACITY);
+            *slot = Some(match slot.take() {
+                None => Self::with(k, v, cap)?,
+                Some(old) => {
+                    let (ok, ov) = old.filled()?;
+                    let mut grown = Self::with(&ok, &ov, cap)?;
+                    grown.k.slice_set(&k.contiguous()?, 2, len)?;
+                    grown.v.slice_set(&v.contiguous()?, 2, len)?;
+                    grown.len = len + s;
+                    grown
+                }
+            });
+        } else if let Some(l) = slot.as_mut() {
+            // Positions len.. are past every view handed out so far.
+            l.k.slice_set(&k.contiguous()?, 2, len)?;
+            l.v.slice_set(&v.contiguous()?, 2, len)?;
+            l.len = len + s;
+        }
+        slot.as_ref().expect("filled above").filled()
+    }
+}
+
+impl Clone for KvCache {
+    fn clone(&self) -> Self {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref().map(|l| {
+                    let (k, v) = l.filled().expect("narrow within the buffer");
+                    LayerKv::with(&k, &v, l.k.dims()[2]).expect("copy of a cached layer")
+                })
+            })
+            .collect();
+        Self { layers }
+    }
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
         Self {
-            layers: vec![None; num_layers],
+            layers: (0..num_layers).map(|_| None).collect(),
         }
     }
 
@@ -34,7 +118,7 @@ impl KvCache {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.dims()[2])
+            .map(|l| l.len)
             .unwrap_or(0)
     }
 
@@ -43,7 +127,7 @@ impl KvCache {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.dims()[0])
+            .map(|l| l.k.dims()[0])
     }
 
     /// Repeats a batch-1 cache `n` times along the batch dimension.
@@ -53,7 +137,11 @@ impl KvCache {
             .iter()
             .map(|l| match l {
                 None => Ok(None),
-                Some((k, v)) => Ok(Some((k.repeat((n, 1, 1, 1))?, v.repeat((n, 1, 1, 1))?))),
+                Some(l) => {
+                    let (k, v) = l.filled()?;
+                    let (k, v) = (k.repeat((n, 1, 1, 1))?, v.repeat((n, 1, 1, 1))?);
+                    Ok(Some(LayerKv { k, v, len: l.len }))
+                }
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { layers })
@@ -96,7 +184,7 @@ impl Attention {
         xs: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut Option<LayerKv>>,
     ) -> Result<Tensor> {
         let (b_sz, seq_len, _) = xs.dims3()?;
         let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
@@ -113,14 +201,7 @@ impl Attention {
         let k = ops::rope(&k, cos, sin)?;
         let (k, v) = match cache {
             None => (k, v),
-            Some(slot) => {
-                let kv = match slot.take() {
-                    None => (k, v),
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                };
-                *slot = Some(kv.clone());
-                kv
-            }
+            Some(slot) => LayerKv::append(slot, &k, &v)?,
         };
         let kv_len = k.dims()[2];
         // Grouped-query attention without copying K/V: fold the query heads
@@ -192,7 +273,7 @@ impl Block {
         xs: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut Option<LayerKv>>,
     ) -> Result<Tensor> {
         let h = ops::rms_norm(xs, &self.input_layernorm, self.eps)?;
         let xs = (xs + self.self_attn.forward(&h, cos, sin, cache)?)?;
@@ -433,6 +514,96 @@ impl Llama {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::models::weights::tiny_config;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Token-by-token decoding through the in-place cache, past its first
+    /// capacity (so it grows twice), equals one forward over the whole
+    /// sequence; a clone and a batch expansion continue on their own.
+    #[test]
+    fn cached_decoding_equals_the_full_forward() {
+        let mut cfg = tiny_config();
+        cfg.max_position_embeddings = 4 * KV_MIN_CAPACITY;
+        let w = WeightMap::random(&cfg, 5, &Device::Cpu).unwrap();
+        let model = Llama::new(&cfg, &w, &Device::Cpu).unwrap();
+        let n = 2 * KV_MIN_CAPACITY + 9;
+        let ids: Vec<u32> = (0..n as u32)
+            .map(|i| (i * 7 + 3) % cfg.vocab_size as u32)
+            .collect();
+        let row = |ids: &[u32]| {
+            Tensor::new(ids, &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap()
+        };
+        let full = model.forward(&row(&ids), None).unwrap();
+        let mut cache = model.new_cache();
+        let prefix = 5;
+        let mut parts = vec![model
+            .forward(&row(&ids[..prefix]), Some(&mut cache))
+            .unwrap()];
+        let mut fork = None;
+        for t in prefix..n {
+            if t == KV_MIN_CAPACITY - 1 {
+                fork = Some((cache.clone(), cache.expand_batch(2).unwrap()));
+            }
+            parts.push(
+                model
+                    .forward(&row(&ids[t..t + 1]), Some(&mut cache))
+                    .unwrap(),
+            );
+        }
+        assert_eq!(cache.seq_len(), n);
+        let stitched = Tensor::cat(&parts, 1).unwrap();
+        let d = max_diff(&full, &stitched);
+        assert!(
+            d < 1e-4,
+            "cached decoding differs from the full forward by {d}"
+        );
+
+        // The clone and the expanded copy go on from position 63 with a
+        // different continuation; the main cache is not disturbed by them,
+        // and they agree with a full forward of their own sequence.
+        let (mut clone, mut batch) = fork.unwrap();
+        let t0 = KV_MIN_CAPACITY - 1;
+        let other: Vec<u32> = ids[..t0].iter().copied().chain([11, 12, 13]).collect();
+        let want = model
+            .forward(&row(&other), None)
+            .unwrap()
+            .narrow(1, t0, 3)
+            .unwrap();
+        let got = model.forward(&row(&other[t0..]), Some(&mut clone)).unwrap();
+        assert!(max_diff(&want, &got) < 1e-4);
+        let pair = Tensor::cat(&[row(&other[t0..]), row(&other[t0..])], 0).unwrap();
+        let got2 = model.forward(&pair, Some(&mut batch)).unwrap();
+        assert_eq!(batch.batch_size(), Some(2));
+        for b in 0..2 {
+            assert!(max_diff(&want, &got2.narrow(0, b, 1).unwrap()) < 1e-4);
+        }
+        let again = model
+            .forward(&row(&ids[n - 1..]), Some(&mut cache.clone()))
+            .unwrap();
+        let last = model
+            .forward(&row(&[ids.as_slice(), &ids[n - 1..]].concat()), None)
+            .unwrap()
+            .narrow(1, n, 1)
+            .unwrap();
+        assert!(max_diff(&last, &again) < 1e-4);
+    }
+
     #[test]
     fn model_is_send_and_sync() {
         fn is<T: Send + Sync>() {}
