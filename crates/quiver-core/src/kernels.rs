@@ -140,6 +140,64 @@ pub fn causal_softmax(
     });
 }
 
+/// Attention of one query per head over cached keys and values, as in
+/// token-by-token decoding (no mask: the query is the last position).
+///
+/// For each of `heads` query heads `h` (of `head_dim` values each, in `q`
+/// and in `out`), keys and values come from KV head `h / (heads / kv_heads)`
+/// of `k` and `v`, laid out `(kv_heads, capacity, head_dim)` of which the
+/// first `len` positions are used: `out_h = sum_j softmax_j(scale q_h .
+/// k_j) v_j`. Small matmuls through a general GEMM cost more in dispatch
+/// than in arithmetic at these sizes.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_one_query(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    capacity: usize,
+    len: usize,
+    scale: f32,
+) {
+    let hd = head_dim;
+    assert!(
+        kv_heads > 0 && heads.is_multiple_of(kv_heads) && len > 0 && len <= capacity,
+        "attend_one_query: heads or length"
+    );
+    assert!(
+        q.len() == heads * hd && out.len() == heads * hd,
+        "attend_one_query: q/out"
+    );
+    assert!(
+        k.len() >= kv_heads * capacity * hd && v.len() >= kv_heads * capacity * hd,
+        "attend_one_query: k/v"
+    );
+    let rep = heads / kv_heads;
+    let dst = Shared(out.as_mut_ptr());
+    par_rows(heads, 2 * len * hd, |range| {
+        let (mut s, mut p) = (vec![0f32; len], vec![0f32; len]);
+        for h in range {
+            let g = h / rep;
+            let (kg, vg) = (&k[g * capacity * hd..], &v[g * capacity * hd..]);
+            let qh = &q[h * hd..(h + 1) * hd];
+            for (j, sj) in s.iter_mut().enumerate() {
+                *sj = slice::dot(qh, &kg[j * hd..(j + 1) * hd]);
+            }
+            let m = scale * slice::max(&s);
+            let sum = slice::exp_affine(&s, scale, m, &mut p);
+            // SAFETY: head h's outputs are written by this call only.
+            let oh = unsafe { dst.span(h * hd, hd) };
+            oh.fill(0.0);
+            for (j, &pj) in p.iter().enumerate() {
+                slice::axpy(pj / sum, &vg[j * hd..(j + 1) * hd], oh);
+            }
+        }
+    });
+}
+
 /// Backward of a softmax of `scale * x` over rows of `cols`:
 /// `dx = scale * y * (dy - <dy, y>)` (masked entries have `y = 0`).
 pub fn softmax_backward(y: &[f32], dy: &[f32], dx: &mut [f32], cols: usize, scale: f32) {
@@ -242,6 +300,13 @@ mod slice {
             sum += *o;
         }
         sum
+    }
+
+    /// `y += c * x`.
+    pub fn axpy(c: f32, x: &[f32], y: &mut [f32]) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o += c * v;
+        }
     }
 
     /// The largest value (NaN if any value is NaN; -inf when empty).

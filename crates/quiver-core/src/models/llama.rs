@@ -58,6 +58,48 @@ impl LayerKv {
         ))
     }
 
+    /// One query per head against the whole cache on the CPU in f32
+    /// ([`crate::kernels::attend_one_query`]): `q` is `(b, heads, 1, hd)`,
+    /// the result `(b, 1, heads * hd)`. `None` where that does not apply
+    /// (another device or dtype, several queries, a gradient to track).
+    fn attend_one(&self, q: &Tensor, scale: f32) -> candle_core::Result<Option<Tensor>> {
+        let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        if !f32_cpu(q) || !f32_cpu(&self.k) || q.dim(2)? != 1 || q.track_op() {
+            return Ok(None);
+        }
+        let (b, heads, _, hd) = q.dims4()?;
+        let (_, nkv, cap, _) = self.k.dims4()?;
+        let q = q.contiguous()?;
+        let mut out = vec![0f32; b * heads * hd];
+        {
+            let (qs, ql) = q.storage_and_layout();
+            let (ks, kl) = self.k.storage_and_layout();
+            let (vs, vl) = self.v.storage_and_layout();
+            let (qd, kd, vd) = (
+                ops::cpu_f32_slice(&qs, ql)?,
+                ops::cpu_f32_slice(&ks, kl)?,
+                ops::cpu_f32_slice(&vs, vl)?,
+            );
+            let per_q = heads * hd;
+            let per_kv = nkv * cap * hd;
+            for (i, o) in out.chunks_exact_mut(per_q).enumerate() {
+                crate::kernels::attend_one_query(
+                    &qd[i * per_q..(i + 1) * per_q],
+                    &kd[i * per_kv..(i + 1) * per_kv],
+                    &vd[i * per_kv..(i + 1) * per_kv],
+                    o,
+                    heads,
+                    nkv,
+                    hd,
+                    cap,
+                    self.len,
+                    scale,
+                );
+            }
+        }
+        Ok(Some(Tensor::from_vec(out, (b, 1, heads * hd), q.device())?))
+    }
+
     /// Appends `k` and `v` (`(b, n_kv, s, hd)`) to the layer's cache and
     /// returns all cached keys and values.
     fn append(
@@ -199,16 +241,25 @@ impl Attention {
             .contiguous()?;
         let q = ops::rope(&q, cos, sin)?;
         let k = ops::rope(&k, cos, sin)?;
+        let scale = 1.0 / (hd as f64).sqrt();
         let (k, v) = match cache {
             None => (k, v),
-            Some(slot) => LayerKv::append(slot, &k, &v)?,
+            Some(slot) => {
+                let kv = LayerKv::append(slot, &k, &v)?;
+                if seq_len == 1 {
+                    let layer = slot.as_ref().expect("appended above");
+                    if let Some(ys) = layer.attend_one(&q, scale as f32)? {
+                        return Ok(self.o_proj.forward(&ys)?);
+                    }
+                }
+                kv
+            }
         };
         let kv_len = k.dims()[2];
         // Grouped-query attention without copying K/V: fold the query heads
         // that share a KV head into the sequence dimension.
         let rep = nh / nkv;
         let q = q.contiguous()?.reshape((b_sz, nkv, rep * seq_len, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let att = q.matmul(&k.t()?)?.reshape((b_sz, nh, seq_len, kv_len))?;
         let att = ops::causal_softmax(&att, scale)?;
         let att = att.reshape((b_sz, nkv, rep * seq_len, kv_len))?;
@@ -592,6 +643,18 @@ mod tests {
         assert_eq!(batch.batch_size(), Some(2));
         for b in 0..2 {
             assert!(max_diff(&want, &got2.narrow(0, b, 1).unwrap()) < 1e-4);
+        }
+        // One more token for both rows of the batch (one query per row).
+        let next = Tensor::new(&[[9u32], [9]], &Device::Cpu).unwrap();
+        let got3 = model.forward(&next, Some(&mut batch)).unwrap();
+        let longer: Vec<u32> = other.iter().copied().chain([9]).collect();
+        let want3 = model
+            .forward(&row(&longer), None)
+            .unwrap()
+            .narrow(1, t0 + 3, 1)
+            .unwrap();
+        for b in 0..2 {
+            assert!(max_diff(&want3, &got3.narrow(0, b, 1).unwrap()) < 1e-4);
         }
         let again = model
             .forward(&row(&ids[n - 1..]), Some(&mut cache.clone()))
