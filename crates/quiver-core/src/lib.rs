@@ -26,3 +26,16 @@ pub mod transform;
 
 pub use error::{Error, Result};
 pub use model::{load, LoadedModel, ModelSource};
+
+/// Helpers shared by the unit tests.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use candle_core::Tensor;
+
+    /// The largest absolute difference between two tensors of one shape.
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+            .expect("tensors of one shape")
+    }
+}

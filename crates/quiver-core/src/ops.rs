@@ -481,16 +481,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn close(a: &Tensor, b: &Tensor, tol: f32) {
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = crate::testutil::max_abs_diff(a, b);
         assert!(d <= tol, "max abs diff {d} > {tol}");
     }
 

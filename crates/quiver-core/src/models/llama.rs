@@ -567,19 +567,7 @@ impl Llama {
 mod tests {
     use super::*;
     use crate::models::weights::tiny_config;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::testutil::max_abs_diff as max_diff;
 
     /// Token-by-token decoding through the in-place cache, past its first
     /// capacity (so it grows twice), equals one forward over the whole
