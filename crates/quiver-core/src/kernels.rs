@@ -769,11 +769,11 @@ pub mod q4 {
     }
 
     /// One row of activations in 8-bit blocks.
-    struct Q8Row {
+    pub(super) struct Q8Row {
         /// Per block: `i8` values, 32 each.
-        q: Vec<i8>,
+        pub(super) q: Vec<i8>,
         /// Per block: the scale.
-        d: Vec<f32>,
+        pub(super) d: Vec<f32>,
         /// Per block: the sum of the f32 activations (the weights'
         /// minimum multiplies it).
         sum: Vec<f32>,
@@ -969,7 +969,7 @@ pub mod q4 {
     }
 
     /// 8-bit blocks of one activation row: `d = max|x| / 127`.
-    fn quantize_row(x: &[f32]) -> Q8Row {
+    pub(super) fn quantize_row(x: &[f32]) -> Q8Row {
         let nb = x.len() / BLOCK;
         let mut q = Vec::with_capacity(x.len());
         let (mut d, mut sum) = (Vec::with_capacity(nb), Vec::with_capacity(nb));
@@ -1224,6 +1224,280 @@ pub mod q4 {
                 // uniform weights: about 10% relative error).
                 let rel = (err / norm).sqrt();
                 assert!(rel < 0.2, "{rows}x{cols}: relative error {rel}");
+            }
+        }
+    }
+}
+
+/// Quiver's Q8_0 kernel (`--quantize q8_0`): 8-bit weights in blocks of 32
+/// with one f16 step each (GGUF's Q8_0 values), in the same one-stream
+/// layout as [`q4`], against the same 8-bit activations.
+pub mod q8 {
+    use super::q4::{quantize_row, Q8Row, BLOCK};
+    use super::{avx2, par_rows, Shared};
+
+    /// Bytes of one block of one group of 4 rows: the 4 rows' 32 weights,
+    /// then their 4 f16 steps.
+    const BLOCK_BYTES: usize = 4 * 32 + 4 * 2;
+
+    /// A `(rows, cols)` matrix in 8-bit blocks along `cols`: weight = `d q`
+    /// with `q` in -127..=127. Rows go in groups of 4 (padded with zero
+    /// rows), each group contiguous, block after block ([`BLOCK_BYTES`]).
+    #[derive(Debug, Clone)]
+    pub struct Q8Matrix {
+        rows: usize,
+        cols: usize,
+        data: Vec<u8>,
+    }
+
+    /// Nearest integer, ties to even (exact for |v| <= 2^22).
+    fn round(v: f32) -> f32 {
+        (v + 12_582_912.0) - 12_582_912.0
+    }
+
+    impl Q8Matrix {
+        /// Quantizes a row-major `(rows, cols)` matrix; `None` unless `cols`
+        /// is a multiple of [`BLOCK`].
+        pub fn quantize(w: &[f32], rows: usize, cols: usize) -> Option<Self> {
+            if cols == 0 || !cols.is_multiple_of(BLOCK) || w.len() != rows * cols {
+                return None;
+            }
+            let nb = cols / BLOCK;
+            let gb = nb * BLOCK_BYTES;
+            let mut data = vec![0u8; rows.div_ceil(4) * gb];
+            let threads = candle_core::utils::get_num_threads().max(1);
+            let per = rows.div_ceil(4).div_ceil(threads).max(1);
+            std::thread::scope(|s| {
+                for (c, chunk) in data.chunks_mut(per * gb).enumerate() {
+                    s.spawn(move || {
+                        for (g, group) in chunk.chunks_mut(gb).enumerate() {
+                            let r0 = (c * per + g) * 4;
+                            for (i, row) in w[r0 * cols..((r0 + 4).min(rows)) * cols]
+                                .chunks_exact(cols)
+                                .enumerate()
+                            {
+                                for (b, block) in row.chunks_exact(BLOCK).enumerate() {
+                                    let at = b * BLOCK_BYTES;
+                                    let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                                    let d16 = half::f16::from_f32(amax / 127.0);
+                                    let d = d16.to_f32();
+                                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                                    for (j, &v) in block.iter().enumerate() {
+                                        let q = round(v * id).clamp(-127.0, 127.0) as i8;
+                                        group[at + i * 32 + j] = q as u8;
+                                    }
+                                    let dpos = at + 128 + i * 2;
+                                    group[dpos..dpos + 2]
+                                        .copy_from_slice(&d16.to_bits().to_le_bytes());
+                                }
+                            }
+                        }
+                    });
+                }
+            });
+            Some(Self { rows, cols, data })
+        }
+
+        pub fn rows(&self) -> usize {
+            self.rows
+        }
+
+        pub fn cols(&self) -> usize {
+            self.cols
+        }
+
+        fn nb(&self) -> usize {
+            self.cols / BLOCK
+        }
+
+        /// Offsets of row `r`'s block `b`: its 32 weights and its f16 step.
+        fn at(&self, r: usize, b: usize) -> (usize, usize) {
+            let base = (r / 4) * self.nb() * BLOCK_BYTES + b * BLOCK_BYTES;
+            (base + (r % 4) * 32, base + 128 + (r % 4) * 2)
+        }
+
+        fn step(&self, pos: usize) -> f32 {
+            half::f16::from_bits(u16::from_le_bytes([self.data[pos], self.data[pos + 1]])).to_f32()
+        }
+
+        /// The weights as stored, back in f32 (row-major).
+        pub fn dequantize(&self) -> Vec<f32> {
+            let mut out = Vec::with_capacity(self.rows * self.cols);
+            for r in 0..self.rows {
+                for b in 0..self.nb() {
+                    let (q, d) = self.at(r, b);
+                    let d = self.step(d);
+                    out.extend(self.data[q..q + 32].iter().map(|&v| d * (v as i8) as f32));
+                }
+            }
+            out
+        }
+
+        /// `y = x W^T` for `n` rows of `x` (`n x cols`), `y` is `n x rows`.
+        pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) {
+            assert!(
+                x.len() == n * self.cols && y.len() == n * self.rows,
+                "q8 matmul: shapes"
+            );
+            let xq: Vec<Q8Row> = x.chunks_exact(self.cols).map(quantize_row).collect();
+            let out = Shared(y.as_mut_ptr());
+            par_rows(self.rows.div_ceil(4), self.nb() * BLOCK_BYTES, |range| {
+                let (r0, r1) = (range.start * 4, (range.end * 4).min(self.rows));
+                for (t, xr) in xq.iter().enumerate() {
+                    // SAFETY: token t's outputs r0..r1 belong to this call.
+                    let yt = unsafe { out.span(t * self.rows + r0, r1 - r0) };
+                    for g in range.clone() {
+                        let mut acc = [0f32; 4];
+                        self.dot_group(g, xr, &mut acc);
+                        let r = g * 4;
+                        let m = (self.rows - r).min(4);
+                        yt[r - r0..r - r0 + m].copy_from_slice(&acc[..m]);
+                    }
+                }
+            });
+        }
+
+        fn dot_group(&self, g: usize, x: &Q8Row, acc: &mut [f32; 4]) {
+            #[cfg(target_arch = "x86_64")]
+            if avx2() && std::arch::is_x86_feature_detected!("f16c") {
+                // SAFETY: the CPU has AVX2, FMA and F16C (checked above);
+                // group g exists (padded to 4 rows).
+                unsafe { simd::dot4(self, g, x, acc) };
+                return;
+            }
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a = self.dot_row_scalar(g * 4 + i, x);
+            }
+        }
+
+        fn dot_row_scalar(&self, r: usize, x: &Q8Row) -> f32 {
+            let mut sum = 0f32;
+            for b in 0..self.nb() {
+                let (q, d) = self.at(r, b);
+                let s: i32 = self.data[q..q + 32]
+                    .iter()
+                    .zip(&x.q[b * BLOCK..(b + 1) * BLOCK])
+                    .map(|(&w, &v)| (w as i8) as i32 * v as i32)
+                    .sum();
+                sum += self.step(d) * x.d[b] * s as f32;
+            }
+            sum
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod simd {
+        use super::{Q8Matrix, Q8Row, BLOCK, BLOCK_BYTES};
+        use std::arch::x86_64::*;
+
+        /// The 4 rows of group `g`, block by block: `maddubs` of |w| with
+        /// x carrying w's sign (at most 2 * 127 * 127 per 16-bit lane), the 4
+        /// rows' f16 steps converted in one F16C instruction.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub(super) fn dot4(w: &Q8Matrix, g: usize, x: &Q8Row, out: &mut [f32; 4]) {
+            let nb = w.nb();
+            assert!((g + 1) * nb * BLOCK_BYTES <= w.data.len() && x.q.len() >= nb * BLOCK);
+            assert!(x.d.len() >= nb);
+            let base = w.data.as_ptr().wrapping_add(g * nb * BLOCK_BYTES);
+            let ones = _mm256_set1_epi16(1);
+            let lane = [
+                _mm256_set1_epi32(0),
+                _mm256_set1_epi32(1),
+                _mm256_set1_epi32(2),
+                _mm256_set1_epi32(3),
+            ];
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for b in 0..nb {
+                // SAFETY: block b of group g holds BLOCK_BYTES bytes and
+                // block b of the activations 32 values (asserted above).
+                unsafe {
+                    let at = base.add(b * BLOCK_BYTES);
+                    let xv = _mm256_loadu_si256(x.q.as_ptr().add(b * BLOCK) as *const __m256i);
+                    let d4 = _mm_cvtph_ps(_mm_loadl_epi64(at.add(128) as *const __m128i));
+                    let d = _mm256_castps128_ps256(_mm_mul_ps(d4, _mm_set1_ps(x.d[b])));
+                    for i in 0..4 {
+                        let wv = _mm256_loadu_si256(at.add(i * 32) as *const __m256i);
+                        let p16 =
+                            _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+                        let p32 = _mm256_madd_epi16(p16, ones);
+                        let di = _mm256_permutevar8x32_ps(d, lane[i]);
+                        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), di, acc[i]);
+                    }
+                }
+            }
+            for i in 0..4 {
+                let mut l = [0f32; 8];
+                // SAFETY: `l` holds 8 values.
+                unsafe { _mm256_storeu_ps(l.as_mut_ptr(), acc[i]) };
+                out[i] = (l[0] + l[4]) + (l[1] + l[5]) + ((l[2] + l[6]) + (l[3] + l[7]));
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn values(n: usize, seed: u64) -> Vec<f32> {
+            let mut s = seed;
+            (0..n)
+                .map(|_| {
+                    s = s
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+                })
+                .collect()
+        }
+
+        /// Within half a step of the input, and 8-bit values come back
+        /// as they were.
+        #[test]
+        fn quantization_is_close_and_idempotent() {
+            let (rows, cols) = (6, 96);
+            let w = values(rows * cols, 1);
+            let q = Q8Matrix::quantize(&w, rows, cols).unwrap();
+            let back = q.dequantize();
+            for (wb, qb) in w.chunks(BLOCK).zip(back.chunks(BLOCK)) {
+                let amax = wb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (a, c) in wb.iter().zip(qb) {
+                    assert!((a - c).abs() <= amax / 127.0 * 0.51 + 1e-6, "{a} vs {c}");
+                }
+            }
+            let again = Q8Matrix::quantize(&back, rows, cols).unwrap().dequantize();
+            assert_eq!(back, again);
+            assert!(Q8Matrix::quantize(&w, rows * 2, cols / 2).is_none());
+        }
+
+        /// The kernel (and the portable loop) compute exactly the
+        /// dequantized weights times the 8-bit activations, for row counts
+        /// that leave padded groups.
+        #[test]
+        fn matmul_equals_the_dequantized_product() {
+            for (rows, cols, n) in [(9, 64, 1), (4, 576, 3), (13, 160, 2)] {
+                let w = values(rows * cols, 2);
+                let x: Vec<f32> = values(n * cols, 3).iter().map(|v| v * 7.0).collect();
+                let q = Q8Matrix::quantize(&w, rows, cols).unwrap();
+                let wd = q.dequantize();
+                let mut y = vec![0f32; n * rows];
+                q.matmul(&x, n, &mut y);
+                for t in 0..n {
+                    let xr = quantize_row(&x[t * cols..(t + 1) * cols]);
+                    for r in 0..rows {
+                        let want: f64 = (0..cols)
+                            .map(|c| {
+                                wd[r * cols + c] as f64 * xr.q[c] as f64 * xr.d[c / BLOCK] as f64
+                            })
+                            .sum();
+                        let got = y[t * rows + r] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "{got} vs {want}"
+                        );
+                        let scalar = q.dot_row_scalar(r, &xr) as f64;
+                        assert!((scalar - want).abs() <= 1e-4 * (1.0 + want.abs()));
+                    }
+                }
             }
         }
     }

@@ -110,10 +110,29 @@ pub struct LoraLinear {
 /// A quantized copy of a layer's weight.
 #[derive(Debug, Clone)]
 enum Quantized {
-    /// candle's GGML kernels (Q8_0 and the other GGML types).
+    /// candle's GGML kernels (the GGML types Quiver has no kernel for).
     Candle(Arc<candle_core::quantized::QMatMul>),
     /// Quiver's own Q4_1 kernel ([`crate::kernels::q4`]).
     Q4(Arc<crate::kernels::q4::Q4Matrix>),
+    /// Quiver's own Q8_0 kernel ([`crate::kernels::q8`]).
+    Q8(Arc<crate::kernels::q8::Q8Matrix>),
+}
+
+/// `xs @ W^T` through one of Quiver's own quantized kernels: `matmul(x, n,
+/// y)` for `n` rows of `cols` values into `n` rows of `rows`.
+fn own_kernel(
+    xs: &Tensor,
+    rows: usize,
+    cols: usize,
+    matmul: impl Fn(&[f32], usize, &mut [f32]),
+) -> Result<Tensor> {
+    let mut dims = xs.dims().to_vec();
+    let n = xs.elem_count() / cols;
+    let x = xs.flatten_all()?.to_vec1::<f32>()?;
+    let mut y = vec![0f32; n * rows];
+    matmul(&x, n, &mut y);
+    *dims.last_mut().expect("rank >= 1") = rows;
+    Tensor::from_vec(y, dims, xs.device())
 }
 
 impl Quantized {
@@ -122,15 +141,8 @@ impl Quantized {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Quantized::Candle(q) => q.forward(&xs.contiguous()?),
-            Quantized::Q4(q) => {
-                let mut dims = xs.dims().to_vec();
-                let n = xs.elem_count() / q.cols();
-                let x = xs.flatten_all()?.to_vec1::<f32>()?;
-                let mut y = vec![0f32; n * q.rows()];
-                q.matmul(&x, n, &mut y);
-                *dims.last_mut().expect("rank >= 1") = q.rows();
-                Tensor::from_vec(y, dims, xs.device())
-            }
+            Quantized::Q4(q) => own_kernel(xs, q.rows(), q.cols(), |x, n, y| q.matmul(x, n, y)),
+            Quantized::Q8(q) => own_kernel(xs, q.rows(), q.cols(), |x, n, y| q.matmul(x, n, y)),
         }
     }
 }
@@ -168,13 +180,23 @@ impl LoraLinear {
             return Ok(false);
         }
         let w = self.weight.to_dtype(candle_core::DType::F32)?;
-        if dtype == candle_core::quantized::GgmlDType::Q4_1 {
-            let (rows, cols) = w.dims2()?;
-            let values = w.flatten_all()?.to_vec1::<f32>()?;
-            if let Some(q) = crate::kernels::q4::Q4Matrix::quantize(&values, rows, cols) {
-                self.quantized = Some(Quantized::Q4(Arc::new(q)));
-                return Ok(true);
+        let (rows, cols) = w.dims2()?;
+        let own = match dtype {
+            candle_core::quantized::GgmlDType::Q4_1 => {
+                let values = w.flatten_all()?.to_vec1::<f32>()?;
+                crate::kernels::q4::Q4Matrix::quantize(&values, rows, cols)
+                    .map(|q| Quantized::Q4(Arc::new(q)))
             }
+            candle_core::quantized::GgmlDType::Q8_0 => {
+                let values = w.flatten_all()?.to_vec1::<f32>()?;
+                crate::kernels::q8::Q8Matrix::quantize(&values, rows, cols)
+                    .map(|q| Quantized::Q8(Arc::new(q)))
+            }
+            _ => None,
+        };
+        if let Some(q) = own {
+            self.quantized = Some(q);
+            return Ok(true);
         }
         let q = candle_core::quantized::QTensor::quantize(&w, dtype)?;
         self.quantized = Some(Quantized::Candle(Arc::new(
