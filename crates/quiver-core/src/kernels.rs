@@ -835,6 +835,68 @@ pub mod q4 {
         }
     }
 
+    /// Fills `data` (groups of 4 rows of `row_len` f32 weights, `gb` bytes
+    /// each) on all threads: `fill(rows, group)` quantizes up to 4 rows of
+    /// `w` into one group's bytes. Groups are independent.
+    pub(super) fn quantize_groups(
+        w: &[f32],
+        row_len: usize,
+        gb: usize,
+        data: &mut [u8],
+        fill: impl Fn(&[f32], &mut [u8]) + Sync,
+    ) {
+        let rows = w.len() / row_len;
+        let threads = candle_core::utils::get_num_threads().max(1);
+        let per = rows.div_ceil(4).div_ceil(threads).max(1);
+        let fill = &fill;
+        std::thread::scope(|s| {
+            for (c, chunk) in data.chunks_mut(per * gb).enumerate() {
+                s.spawn(move || {
+                    for (g, group) in chunk.chunks_mut(gb).enumerate() {
+                        let r0 = (c * per + g) * 4;
+                        let r1 = (r0 + 4).min(rows);
+                        fill(&w[r0 * row_len..r1 * row_len], group);
+                    }
+                });
+            }
+        });
+    }
+
+    /// `y = x W^T` for a matrix of `rows` rows in groups of 4 (`gb` bytes
+    /// each) and `n` rows of `x` of `cols` values: the activations are
+    /// quantized once, groups are split between threads, and
+    /// `dot(g, x, acc)` gives group `g`'s 4 dot products with one row.
+    pub(super) fn grouped_matmul(
+        rows: usize,
+        cols: usize,
+        gb: usize,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+        dot: impl Fn(usize, &Q8Row, &mut [f32; 4]) + Sync,
+    ) {
+        assert!(
+            x.len() == n * cols && y.len() == n * rows,
+            "quantized matmul: shapes"
+        );
+        let xq: Vec<Q8Row> = x.chunks_exact(cols).map(quantize_row).collect();
+        let out = Shared(y.as_mut_ptr());
+        par_rows(rows.div_ceil(4), gb, |range| {
+            let (r0, r1) = (range.start * 4, (range.end * 4).min(rows));
+            for (t, xr) in xq.iter().enumerate() {
+                // SAFETY: token t's outputs r0..r1 belong to this call.
+                let yt = unsafe { out.span(t * rows + r0, r1 - r0) };
+                for g in range.clone() {
+                    let mut acc = [0f32; 4];
+                    dot(g, xr, &mut acc);
+                    let r = g * 4;
+                    let m = (rows - r).min(4);
+                    yt[r - r0..r - r0 + m].copy_from_slice(&acc[..m]);
+                }
+            }
+        });
+    }
+
     impl Q4Matrix {
         /// Quantizes a row-major `(rows, cols)` matrix; `None` unless `cols`
         /// is a multiple of [`BLOCK`].
@@ -845,19 +907,8 @@ pub mod q4 {
             let nb = cols / BLOCK;
             let gb = group_bytes(nb);
             let mut data = vec![0u8; rows.div_ceil(4) * gb];
-            // Groups of 4 rows are independent: split them between threads.
-            let threads = candle_core::utils::get_num_threads().max(1);
-            let per = rows.div_ceil(4).div_ceil(threads).max(1);
-            std::thread::scope(|s| {
-                for (c, chunk) in data.chunks_mut(per * gb).enumerate() {
-                    s.spawn(move || {
-                        for (g, group) in chunk.chunks_mut(gb).enumerate() {
-                            let r0 = (c * per + g) * 4;
-                            let r1 = (r0 + 4).min(rows);
-                            quantize_group(&w[r0 * cols..r1 * cols], nb, group);
-                        }
-                    });
-                }
+            quantize_groups(w, cols, gb, &mut data, |w, group| {
+                quantize_group(w, nb, group)
             });
             Some(Self { rows, cols, data })
         }
@@ -915,26 +966,9 @@ pub mod q4 {
 
         /// `y = x W^T` for `n` rows of `x` (`n x cols`), `y` is `n x rows`.
         pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) {
-            assert!(
-                x.len() == n * self.cols && y.len() == n * self.rows,
-                "q4 matmul: shapes"
-            );
-            let xq: Vec<Q8Row> = x.chunks_exact(self.cols).map(quantize_row).collect();
-            let groups = self.rows.div_ceil(4);
-            let out = Shared(y.as_mut_ptr());
-            par_rows(groups, self.group_bytes(), |range| {
-                let (r0, r1) = (range.start * 4, (range.end * 4).min(self.rows));
-                for (t, xr) in xq.iter().enumerate() {
-                    // SAFETY: token t's outputs r0..r1 belong to this call.
-                    let yt = unsafe { out.span(t * self.rows + r0, r1 - r0) };
-                    for g in range.clone() {
-                        let mut acc = [0f32; 4];
-                        self.dot_group(g, xr, &mut acc);
-                        let r = g * 4;
-                        let m = (self.rows - r).min(4);
-                        yt[r - r0..r - r0 + m].copy_from_slice(&acc[..m]);
-                    }
-                }
+            let gb = self.group_bytes();
+            grouped_matmul(self.rows, self.cols, gb, x, n, y, |g, xr, acc| {
+                self.dot_group(g, xr, acc)
             });
         }
 
@@ -1123,17 +1157,7 @@ pub mod q4 {
     mod tests {
         use super::*;
 
-        fn values(n: usize, seed: u64) -> Vec<f32> {
-            let mut s = seed;
-            (0..n)
-                .map(|_| {
-                    s = s
-                        .wrapping_mul(6_364_136_223_846_793_005)
-                        .wrapping_add(1_442_695_040_888_963_407);
-                    ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-                })
-                .collect()
-        }
+        use crate::testutil::uniform_values as values;
 
         #[test]
         fn quantization_stays_within_half_a_step_and_is_idempotent() {
@@ -1233,8 +1257,8 @@ pub mod q4 {
 /// with one f16 step each (GGUF's Q8_0 values), in the same one-stream
 /// layout as [`q4`], against the same 8-bit activations.
 pub mod q8 {
-    use super::q4::{quantize_row, Q8Row, BLOCK};
-    use super::{avx2, par_rows, Shared};
+    use super::avx2;
+    use super::q4::{grouped_matmul, quantize_groups, Q8Row, BLOCK};
 
     /// Bytes of one block of one group of 4 rows: the 4 rows' 32 weights,
     /// then their 4 f16 steps.
@@ -1265,34 +1289,21 @@ pub mod q8 {
             let nb = cols / BLOCK;
             let gb = nb * BLOCK_BYTES;
             let mut data = vec![0u8; rows.div_ceil(4) * gb];
-            let threads = candle_core::utils::get_num_threads().max(1);
-            let per = rows.div_ceil(4).div_ceil(threads).max(1);
-            std::thread::scope(|s| {
-                for (c, chunk) in data.chunks_mut(per * gb).enumerate() {
-                    s.spawn(move || {
-                        for (g, group) in chunk.chunks_mut(gb).enumerate() {
-                            let r0 = (c * per + g) * 4;
-                            for (i, row) in w[r0 * cols..((r0 + 4).min(rows)) * cols]
-                                .chunks_exact(cols)
-                                .enumerate()
-                            {
-                                for (b, block) in row.chunks_exact(BLOCK).enumerate() {
-                                    let at = b * BLOCK_BYTES;
-                                    let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-                                    let d16 = half::f16::from_f32(amax / 127.0);
-                                    let d = d16.to_f32();
-                                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                                    for (j, &v) in block.iter().enumerate() {
-                                        let q = round(v * id).clamp(-127.0, 127.0) as i8;
-                                        group[at + i * 32 + j] = q as u8;
-                                    }
-                                    let dpos = at + 128 + i * 2;
-                                    group[dpos..dpos + 2]
-                                        .copy_from_slice(&d16.to_bits().to_le_bytes());
-                                }
-                            }
+            quantize_groups(w, cols, gb, &mut data, |w, group| {
+                for (i, row) in w.chunks_exact(cols).enumerate() {
+                    for (b, block) in row.chunks_exact(BLOCK).enumerate() {
+                        let at = b * BLOCK_BYTES;
+                        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        let d16 = half::f16::from_f32(amax / 127.0);
+                        let d = d16.to_f32();
+                        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                        for (j, &v) in block.iter().enumerate() {
+                            let q = round(v * id).clamp(-127.0, 127.0) as i8;
+                            group[at + i * 32 + j] = q as u8;
                         }
-                    });
+                        let dpos = at + 128 + i * 2;
+                        group[dpos..dpos + 2].copy_from_slice(&d16.to_bits().to_le_bytes());
+                    }
                 }
             });
             Some(Self { rows, cols, data })
@@ -1335,25 +1346,9 @@ pub mod q8 {
 
         /// `y = x W^T` for `n` rows of `x` (`n x cols`), `y` is `n x rows`.
         pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) {
-            assert!(
-                x.len() == n * self.cols && y.len() == n * self.rows,
-                "q8 matmul: shapes"
-            );
-            let xq: Vec<Q8Row> = x.chunks_exact(self.cols).map(quantize_row).collect();
-            let out = Shared(y.as_mut_ptr());
-            par_rows(self.rows.div_ceil(4), self.nb() * BLOCK_BYTES, |range| {
-                let (r0, r1) = (range.start * 4, (range.end * 4).min(self.rows));
-                for (t, xr) in xq.iter().enumerate() {
-                    // SAFETY: token t's outputs r0..r1 belong to this call.
-                    let yt = unsafe { out.span(t * self.rows + r0, r1 - r0) };
-                    for g in range.clone() {
-                        let mut acc = [0f32; 4];
-                        self.dot_group(g, xr, &mut acc);
-                        let r = g * 4;
-                        let m = (self.rows - r).min(4);
-                        yt[r - r0..r - r0 + m].copy_from_slice(&acc[..m]);
-                    }
-                }
+            let gb = self.nb() * BLOCK_BYTES;
+            grouped_matmul(self.rows, self.cols, gb, x, n, y, |g, xr, acc| {
+                self.dot_group(g, xr, acc)
             });
         }
 
@@ -1437,18 +1432,9 @@ pub mod q8 {
     #[cfg(test)]
     mod tests {
         use super::*;
+        use crate::kernels::q4::quantize_row;
 
-        fn values(n: usize, seed: u64) -> Vec<f32> {
-            let mut s = seed;
-            (0..n)
-                .map(|_| {
-                    s = s
-                        .wrapping_mul(6_364_136_223_846_793_005)
-                        .wrapping_add(1_442_695_040_888_963_407);
-                    ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-                })
-                .collect()
-        }
+        use crate::testutil::uniform_values as values;
 
         /// Within half a step of the input, and 8-bit values come back
         /// as they were.

@@ -38,4 +38,17 @@ pub(crate) mod testutil {
             .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
             .expect("tensors of one shape")
     }
+
+    /// `n` deterministic values in [-0.5, 0.5) from `seed` (an LCG).
+    pub fn uniform_values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
 }
