@@ -266,6 +266,14 @@ pub fn softmax_minus_onehot(
     });
 }
 
+/// `y += c * x`.
+#[inline(always)]
+pub fn axpy(c: f32, x: &[f32], y: &mut [f32]) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o += c * v;
+    }
+}
+
 /// Dot product with eight independent accumulators, so the compiler can
 /// vectorise it without reassociating a single sum.
 #[inline(always)]
@@ -285,7 +293,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// Slice primitives, dispatched to AVX2 + FMA or the portable loops.
 mod slice {
     use super::avx2;
-    pub use super::dot;
+    pub use super::{axpy, dot};
 
     /// `y = exp(scale * x - m)`; returns `sum(y)`.
     pub fn exp_affine(x: &[f32], scale: f32, m: f32, y: &mut [f32]) -> f32 {
@@ -300,13 +308,6 @@ mod slice {
             sum += *o;
         }
         sum
-    }
-
-    /// `y += c * x`.
-    pub fn axpy(c: f32, x: &[f32], y: &mut [f32]) {
-        for (o, &v) in y.iter_mut().zip(x) {
-            *o += c * v;
-        }
     }
 
     /// The largest value (NaN if any value is NaN; -inf when empty).
@@ -718,8 +719,19 @@ mod tests {
 pub mod q4 {
     use super::{avx2, par_rows, Shared};
 
-    /// The 4-bit kernel also converts f16 scales (F16C).
-    fn avx2_f16c() -> bool {
+    /// Nearest integer, ties to even, by the 1.5 * 2^23 trick: exact for
+    /// |v| <= 2^22 and without a libm call per value.
+    pub(super) fn round_even(v: f32) -> f32 {
+        (v + 12_582_912.0) - 12_582_912.0
+    }
+
+    /// The little-endian f16 at byte `pos` of `data`, as f32.
+    pub(super) fn f16_at(data: &[u8], pos: usize) -> f32 {
+        half::f16::from_bits(u16::from_le_bytes([data[pos], data[pos + 1]])).to_f32()
+    }
+
+    /// The quantized kernels also convert f16 scales (F16C).
+    pub(super) fn avx2_f16c() -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             avx2() && std::arch::is_x86_feature_detected!("f16c")
@@ -935,7 +947,7 @@ pub mod q4 {
         }
 
         fn f16_at(&self, pos: usize) -> f32 {
-            half::f16::from_bits(u16::from_le_bytes([self.data[pos], self.data[pos + 1]])).to_f32()
+            f16_at(&self.data, pos)
         }
 
         /// Block `blk`'s step (blocks numbered row-major, `cols / 32` per row).
@@ -1011,13 +1023,7 @@ pub mod q4 {
             let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
             let s = amax / 127.0;
             let id = if s != 0.0 { 1.0 / s } else { 0.0 };
-            // Nearest integer (ties to even) by the 1.5 * 2^23 trick, exact
-            // for |v| <= 127 and without a libm call per value.
-            q.extend(
-                block
-                    .iter()
-                    .map(|&v| ((v * id + 12_582_912.0) - 12_582_912.0) as i8),
-            );
+            q.extend(block.iter().map(|&v| round_even(v * id) as i8));
             d.push(s);
             sum.push(block.iter().sum());
         }
@@ -1257,8 +1263,7 @@ pub mod q4 {
 /// with one f16 step each (GGUF's Q8_0 values), in the same one-stream
 /// layout as [`q4`], against the same 8-bit activations.
 pub mod q8 {
-    use super::avx2;
-    use super::q4::{grouped_matmul, quantize_groups, Q8Row, BLOCK};
+    use super::q4::{avx2_f16c, f16_at, grouped_matmul, quantize_groups, round_even, Q8Row, BLOCK};
 
     /// Bytes of one block of one group of 4 rows: the 4 rows' 32 weights,
     /// then their 4 f16 steps.
@@ -1272,11 +1277,6 @@ pub mod q8 {
         rows: usize,
         cols: usize,
         data: Vec<u8>,
-    }
-
-    /// Nearest integer, ties to even (exact for |v| <= 2^22).
-    fn round(v: f32) -> f32 {
-        (v + 12_582_912.0) - 12_582_912.0
     }
 
     impl Q8Matrix {
@@ -1298,7 +1298,7 @@ pub mod q8 {
                         let d = d16.to_f32();
                         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
                         for (j, &v) in block.iter().enumerate() {
-                            let q = round(v * id).clamp(-127.0, 127.0) as i8;
+                            let q = round_even(v * id).clamp(-127.0, 127.0) as i8;
                             group[at + i * 32 + j] = q as u8;
                         }
                         let dpos = at + 128 + i * 2;
@@ -1328,7 +1328,7 @@ pub mod q8 {
         }
 
         fn step(&self, pos: usize) -> f32 {
-            half::f16::from_bits(u16::from_le_bytes([self.data[pos], self.data[pos + 1]])).to_f32()
+            f16_at(&self.data, pos)
         }
 
         /// The weights as stored, back in f32 (row-major).
@@ -1354,7 +1354,7 @@ pub mod q8 {
 
         fn dot_group(&self, g: usize, x: &Q8Row, acc: &mut [f32; 4]) {
             #[cfg(target_arch = "x86_64")]
-            if avx2() && std::arch::is_x86_feature_detected!("f16c") {
+            if avx2_f16c() {
                 // SAFETY: the CPU has AVX2, FMA and F16C (checked above);
                 // group g exists (padded to 4 rows).
                 unsafe { simd::dot4(self, g, x, acc) };

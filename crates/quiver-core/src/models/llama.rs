@@ -108,27 +108,20 @@ impl LayerKv {
         v: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let s = k.dim(2)?;
-        let (len, cap) = slot.as_ref().map_or((0, 0), |l| (l.len, l.k.dims()[2]));
-        if len + s > cap {
-            let cap = (len + s).next_power_of_two().max(KV_MIN_CAPACITY);
-            *slot = Some(match slot.take() {
-                None => Self::with(k, v, cap)?,
-                Some(old) => {
-                    let (ok, ov) = old.filled()?;
-                    let mut grown = Self::with(&ok, &ov, cap)?;
-                    grown.k.slice_set(&k.contiguous()?, 2, len)?;
-                    grown.v.slice_set(&v.contiguous()?, 2, len)?;
-                    grown.len = len + s;
-                    grown
-                }
-            });
-        } else if let Some(l) = slot.as_mut() {
-            // Positions len.. are past every view handed out so far.
-            l.k.slice_set(&k.contiguous()?, 2, len)?;
-            l.v.slice_set(&v.contiguous()?, 2, len)?;
-            l.len = len + s;
+        let capacity = |n: usize| n.next_power_of_two().max(KV_MIN_CAPACITY);
+        let Some(l) = slot.as_mut() else {
+            let l = slot.insert(Self::with(k, v, capacity(s))?);
+            return l.filled();
+        };
+        if l.len + s > l.k.dims()[2] {
+            let (ok, ov) = l.filled()?;
+            *l = Self::with(&ok, &ov, capacity(l.len + s))?;
         }
-        slot.as_ref().expect("filled above").filled()
+        // Positions len.. are past every view handed out so far.
+        l.k.slice_set(&k.contiguous()?, 2, l.len)?;
+        l.v.slice_set(&v.contiguous()?, 2, l.len)?;
+        l.len += s;
+        l.filled()
     }
 }
 

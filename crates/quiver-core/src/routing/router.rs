@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::kernels::dot;
+use crate::kernels::{axpy, dot};
 use crate::lora::{matmul_t, LinearAdapter};
 use crate::ops::cpu_f32_slice;
 
@@ -958,14 +958,6 @@ fn lift(z: &[f32], bt: &[f32], out: usize, y: &mut [f32]) {
     }
 }
 
-/// `y += c * x`.
-#[inline(always)]
-fn axpy(c: f32, x: &[f32], y: &mut [f32]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += c * xi;
-    }
-}
-
 /// Where [`RoutedLora::cpu_fast`] reads the router's products.
 enum Scores<'a> {
     /// [`Selector::raw_logits`]: `(n, E)`.
@@ -979,6 +971,20 @@ enum Scores<'a> {
 }
 
 impl RoutedLora {
+    /// Reports the decision, then gives `y` (`(n, out)`) the input's
+    /// leading dimensions and dtype (`dims`: the input's shape).
+    fn finish(
+        &self,
+        mut dims: Vec<usize>,
+        sel: &Selection,
+        y: Tensor,
+        dtype: DType,
+    ) -> candle_core::Result<Tensor> {
+        self.report(&dims, sel);
+        *dims.last_mut().expect("rank >= 1") = self.out;
+        y.reshape(dims)?.to_dtype(dtype)
+    }
+
     /// Counts the decision and shows it to the observer.
     fn report(&self, dims: &[usize], sel: &Selection) {
         if let Some(u) = &self.usage {
@@ -1027,10 +1033,7 @@ impl LinearAdapter for RoutedLora {
                 bias,
             },
         )?;
-        self.report(&dims, &sel);
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("rank >= 1") = self.out;
-        y.reshape(out_dims)?.to_dtype(xs.dtype())
+        self.finish(dims, &sel, y, xs.dtype())
     }
 
     fn delta(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
@@ -1052,10 +1055,7 @@ impl LinearAdapter for RoutedLora {
                 (sel, y)
             }
         };
-        self.report(&dims, &sel);
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("rank >= 1") = self.out;
-        y.reshape(out_dims)?.to_dtype(xs.dtype())
+        self.finish(dims, &sel, y, xs.dtype())
     }
 }
 
@@ -1106,19 +1106,13 @@ mod tests {
             let fused = layer(RoutePath::Fast).expect("layer");
             let unfused = layer(RoutePath::Grouped).expect("layer");
             assert!(fused.is_fused() && !unfused.is_fused());
-            let d = (fused.forward(&x)? - unfused.forward(&x)?)?
-                .abs()?
-                .max_all()?
-                .to_scalar::<f32>()?;
+            let d = crate::testutil::max_abs_diff(&fused.forward(&x)?, &unfused.forward(&x)?);
             assert!(d < 1e-4, "{kind:?} {mix:?}: {d}");
             let mut removed = fused.clone();
             removed.set_adapter(None);
             assert!(!removed.is_fused());
             assert_eq!(removed.weight().dims(), [out, inp]);
-            let d = (removed.forward(&x)? - &before)?
-                .abs()?
-                .max_all()?
-                .to_scalar::<f32>()?;
+            let d = crate::testutil::max_abs_diff(&removed.forward(&x)?, &before);
             assert_eq!(d, 0.0);
         }
         Ok(())
