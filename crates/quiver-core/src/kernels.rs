@@ -216,6 +216,147 @@ pub fn softmax_backward(y: &[f32], dy: &[f32], dx: &mut [f32], cols: usize, scal
     });
 }
 
+/// Backward of RMSNorm `y = x r w`, `r = 1 / sqrt(mean(x^2) + eps)`, over
+/// rows of `w.len()` values: `dx = r (g w) - x r^3 mean(g w x)`, one pass
+/// per row after two dot products (candle's composition is nine ops).
+pub fn rms_norm_backward(x: &[f32], w: &[f32], g: &[f32], dx: &mut [f32], eps: f32) {
+    let cols = w.len();
+    assert!(
+        cols > 0 && x.len().is_multiple_of(cols) && g.len() == x.len() && dx.len() == x.len(),
+        "rms_norm_backward: lengths"
+    );
+    let out = Shared(dx.as_mut_ptr());
+    par_rows(x.len() / cols, cols, |rows| {
+        // SAFETY: each range of rows is written by one call only.
+        let dx = unsafe { out.rows(&rows, cols) };
+        for (k, r) in rows.enumerate() {
+            let (xr, gr) = (&x[r * cols..(r + 1) * cols], &g[r * cols..(r + 1) * cols]);
+            let d = &mut dx[k * cols..(k + 1) * cols];
+            // d = g w first, so <g w, x> is one more dot product.
+            for ((o, &gv), &wv) in d.iter_mut().zip(gr).zip(w) {
+                *o = gv * wv;
+            }
+            let inv = 1.0 / (slice::dot(xr, xr) / cols as f32 + eps).sqrt();
+            let c = slice::dot(d, xr) / cols as f32 * inv * inv * inv;
+            for (o, &xv) in d.iter_mut().zip(xr) {
+                *o = inv * *o - c * xv;
+            }
+        }
+    });
+}
+
+/// Whether dropout with drop probability `p` keeps element `i` of the
+/// tensor drawn with `seed`: a counter-based hash (murmur3's 32-bit
+/// finaliser of the index mixed with the seed), so a mask is never stored:
+/// the backward pass recomputes it, and threads draw their parts in any
+/// order.
+#[inline(always)]
+pub fn dropout_keeps(seed: u32, i: usize, threshold: u32) -> bool {
+    keeps(i as u32, dropout_seed(seed, i), threshold)
+}
+
+/// The seed mixed with the high half of the index (constant over any run
+/// of indices that [`dropout`] handles in one piece).
+#[inline(always)]
+fn dropout_seed(seed: u32, i: usize) -> u32 {
+    seed ^ ((i as u64 >> 32) as u32).wrapping_mul(0x85eb_ca6b)
+}
+
+#[inline(always)]
+fn keeps(i: u32, seed: u32, threshold: u32) -> bool {
+    let mut h = i.wrapping_mul(0x9e37_79b9) ^ seed;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h >= threshold
+}
+
+/// The threshold [`dropout_keeps`] compares with for drop probability `p`.
+pub fn dropout_threshold(p: f32) -> u32 {
+    (p.clamp(0.0, 1.0) as f64 * u32::MAX as f64) as u32
+}
+
+/// One piece of [`dropout`]: `y[k] = src(k) * keep(first + k) / (1 - p)`.
+/// Branch-free over plain `u32` arithmetic, so the compiler vectorises it.
+#[inline(always)]
+fn dropout_span(
+    x: Option<&[f32]>,
+    y: &mut [f32],
+    first: usize,
+    seed: u32,
+    threshold: u32,
+    inv_keep: f32,
+) {
+    let (base, seed) = (first as u32, dropout_seed(seed, first));
+    let scale = |k: usize| {
+        if keeps(base.wrapping_add(k as u32), seed, threshold) {
+            inv_keep
+        } else {
+            0.0
+        }
+    };
+    match x {
+        Some(x) => {
+            for (k, (o, &v)) in y.iter_mut().zip(x).enumerate() {
+                *o = v * scale(k);
+            }
+        }
+        None => {
+            for (k, o) in y.iter_mut().enumerate() {
+                *o *= scale(k);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn dropout_span_avx2(
+    x: Option<&[f32]>,
+    y: &mut [f32],
+    first: usize,
+    seed: u32,
+    threshold: u32,
+    inv_keep: f32,
+) {
+    dropout_span(x, y, first, seed, threshold, inv_keep)
+}
+
+/// Inverted dropout, `y = x * keep / (1 - p)` with the mask of
+/// [`dropout_keeps`]; `x = None` applies it to `y` in place.
+pub fn dropout(x: Option<&[f32]>, y: &mut [f32], seed: u32, p: f32) {
+    if let Some(x) = x {
+        assert_eq!(x.len(), y.len(), "dropout: lengths");
+    }
+    let n = y.len();
+    let threshold = dropout_threshold(p);
+    let inv_keep = 1.0 / (1.0 - p);
+    let out = Shared(y.as_mut_ptr());
+    // Pieces start at multiples of FLAT_ROW, so none crosses a multiple
+    // of 2^32 (where the seed's mix changes).
+    par_rows(n.div_ceil(FLAT_ROW), FLAT_ROW, |rows| {
+        let (lo, hi) = (rows.start * FLAT_ROW, (rows.end * FLAT_ROW).min(n));
+        let mut at = lo;
+        while at < hi {
+            let end = (hi as u64).min((at as u64 | 0xffff_ffff) + 1) as usize;
+            // SAFETY: at..end is this call's own part of `y`.
+            let y = unsafe { out.span(at, end - at) };
+            let x = x.map(|x| &x[at..end]);
+            #[cfg(target_arch = "x86_64")]
+            if avx2() {
+                // SAFETY: the CPU has AVX2 (checked just above).
+                unsafe { dropout_span_avx2(x, y, at, seed, threshold, inv_keep) };
+                at = end;
+                continue;
+            }
+            dropout_span(x, y, at, seed, threshold, inv_keep);
+            at = end;
+        }
+    });
+}
+
 /// `log(sum(exp(x)))` of each row of `cols` values.
 pub fn logsumexp_rows(x: &[f32], cols: usize) -> Vec<f32> {
     assert!(
@@ -262,6 +403,21 @@ pub fn softmax_minus_onehot(
                 *t -= 1.0;
             }
             slice::scale(d, g);
+        }
+    });
+}
+
+/// `y += x`, elementwise, on the pool when large.
+pub fn add_into(y: &mut [f32], x: &[f32]) {
+    assert_eq!(x.len(), y.len(), "add_into: lengths");
+    let n = y.len();
+    let out = Shared(y.as_mut_ptr());
+    par_rows(n.div_ceil(FLAT_ROW), FLAT_ROW, |rows| {
+        let (lo, hi) = (rows.start * FLAT_ROW, (rows.end * FLAT_ROW).min(n));
+        // SAFETY: lo..hi is this call's own part of `y`.
+        let y = unsafe { out.span(lo, hi - lo) };
+        for (o, &v) in y.iter_mut().zip(&x[lo..hi]) {
+            *o += v;
         }
     });
 }
@@ -675,6 +831,46 @@ mod tests {
                 let w = 0.5 * (p - onehot);
                 assert!((dx[r * cols + j] as f64 - w).abs() < 1e-6, "dx {r},{j}");
             }
+        }
+    }
+
+    /// Dropout keeps about `1 - p` of the values, scaled by `1 / (1 - p)`,
+    /// with the mask of [`dropout_keeps`] (vectorised = scalar), the same
+    /// in place, and a different mask for another seed.
+    #[test]
+    fn dropout_keeps_the_expected_share_with_its_own_mask() {
+        let n = 200_003;
+        let x: Vec<f32> = (0..n).map(|i| 1.0 + (i % 13) as f32).collect();
+        for p in [0.05f32, 0.3] {
+            let mut y = vec![0f32; n];
+            dropout(Some(&x), &mut y, 77, p);
+            let t = dropout_threshold(p);
+            let mut kept = 0;
+            for i in 0..n {
+                if dropout_keeps(77, i, t) {
+                    kept += 1;
+                    assert!((y[i] - x[i] / (1.0 - p)).abs() < 1e-5, "p = {p}, {i}");
+                } else {
+                    assert_eq!(y[i], 0.0, "p = {p}, {i}");
+                }
+            }
+            let share = kept as f64 / n as f64;
+            assert!(
+                (share - (1.0 - p as f64)).abs() < 0.005,
+                "p = {p}: kept {share}"
+            );
+            let mut z = x.clone();
+            dropout(None, &mut z, 77, p);
+            assert_eq!(y, z);
+            let mut other = vec![0f32; n];
+            dropout(Some(&x), &mut other, 78, p);
+            let same = (0..n)
+                .filter(|&i| (other[i] == 0.0) == (y[i] == 0.0))
+                .count();
+            assert!(
+                same < n - n / 50,
+                "p = {p}: seeds 77 and 78 agree on {same} of {n}"
+            );
         }
     }
 
@@ -1485,6 +1681,173 @@ pub mod q8 {
                     }
                 }
             }
+        }
+    }
+}
+
+/// f32 matrix products through the `gemm` crate (the one candle's CPU
+/// matmul runs on), for the training fast path: a new product is written
+/// without zero-filling its buffer first (candle zero-fills every matmul
+/// output), and a product can accumulate into an existing buffer
+/// (`dst += beta a b`), which spares the separate add pass and its output.
+pub mod gemm {
+    use gemm::Parallelism;
+
+    /// A row-major matrix, or the transpose of one, as an operand.
+    #[derive(Clone, Copy)]
+    pub struct Mat<'a> {
+        data: &'a [f32],
+        rows: usize,
+        cols: usize,
+        rs: isize,
+        cs: isize,
+    }
+
+    impl<'a> Mat<'a> {
+        /// `data` holds `rows x cols` values, row-major.
+        pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+            assert_eq!(data.len(), rows * cols, "gemm: a {rows} x {cols} matrix");
+            Self {
+                data,
+                rows,
+                cols,
+                rs: cols as isize,
+                cs: 1,
+            }
+        }
+
+        /// The transpose, `(cols, rows)`, without moving data.
+        pub fn t(self) -> Self {
+            Self {
+                rows: self.cols,
+                cols: self.rows,
+                rs: self.cs,
+                cs: self.rs,
+                ..self
+            }
+        }
+    }
+
+    fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
+        let threads = candle_core::utils::get_num_threads();
+        if threads > 1 && m * n * k >= 1 << 15 {
+            Parallelism::Rayon(threads)
+        } else {
+            Parallelism::None
+        }
+    }
+
+    /// # Safety
+    /// `dst` must hold `a.rows * b.cols` values (initialised when `acc`).
+    unsafe fn run(dst: *mut f32, acc: bool, a: Mat, b: Mat, beta: f32) {
+        assert_eq!(a.cols, b.rows, "gemm: inner dimensions");
+        let (m, n, k) = (a.rows, b.cols, a.cols);
+        // SAFETY: the operands' strides stay inside their slices (checked
+        // at construction) and `dst` is `m x n` row-major (the caller).
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst,
+                1,
+                n as isize,
+                acc,
+                a.data.as_ptr(),
+                a.cs,
+                a.rs,
+                b.data.as_ptr(),
+                b.cs,
+                b.rs,
+                1.0,
+                beta,
+                false,
+                false,
+                false,
+                parallelism(m, n, k),
+            )
+        }
+    }
+
+    /// `beta a b`, `(a.rows, b.cols)` row-major, in a new buffer.
+    pub fn matmul(a: Mat, b: Mat, beta: f32) -> Vec<f32> {
+        let len = a.rows * b.cols;
+        if a.cols == 0 || len == 0 {
+            return vec![0.0; len];
+        }
+        let mut out = Vec::with_capacity(len);
+        // SAFETY: the buffer has room for `len` values, gemm writes every
+        // one of them (it reads none: `acc` is false), then they count.
+        unsafe {
+            run(
+                out.spare_capacity_mut().as_mut_ptr().cast(),
+                false,
+                a,
+                b,
+                beta,
+            );
+            out.set_len(len);
+        }
+        out
+    }
+
+    /// `dst += beta a b`, `dst` being `(a.rows, b.cols)` row-major.
+    pub fn matmul_acc(dst: &mut [f32], a: Mat, b: Mat, beta: f32) {
+        assert_eq!(dst.len(), a.rows * b.cols, "gemm: destination size");
+        if a.cols == 0 || dst.is_empty() {
+            return;
+        }
+        // SAFETY: `dst` has the size checked above and is initialised.
+        unsafe { run(dst.as_mut_ptr(), true, a, b, beta) }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn naive(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+            (0..m * n)
+                .map(|ij| (0..k).map(|l| a[ij / n * k + l] * b[l * n + ij % n]).sum())
+                .collect()
+        }
+
+        /// Every transpose combination, overwrite and accumulate, against
+        /// the triple loop (shapes large enough to use the thread pool).
+        #[test]
+        fn products_equal_the_triple_loop() {
+            let (m, k, n) = (37, 53, 41);
+            let a = crate::testutil::uniform_values(m * k, 1);
+            let b = crate::testutil::uniform_values(k * n, 2);
+            let at: Vec<f32> = (0..k * m).map(|i| a[i % m * k + i / m]).collect();
+            let bt: Vec<f32> = (0..n * k).map(|i| b[i % k * n + i / k]).collect();
+            let want = naive(&a, &b, m, k, n);
+            let ops = [
+                (Mat::new(&a, m, k), Mat::new(&b, k, n)),
+                (Mat::new(&at, k, m).t(), Mat::new(&b, k, n)),
+                (Mat::new(&a, m, k), Mat::new(&bt, n, k).t()),
+                (Mat::new(&at, k, m).t(), Mat::new(&bt, n, k).t()),
+            ];
+            for (i, (x, y)) in ops.into_iter().enumerate() {
+                let got = matmul(x, y, 0.5);
+                let d = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, w)| (g - 0.5 * w).abs())
+                    .fold(0f32, f32::max);
+                assert!(d < 1e-4, "case {i}: {d}");
+                let mut acc = vec![1f32; m * n];
+                matmul_acc(&mut acc, x, y, 2.0);
+                let d = acc
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, w)| (g - 1.0 - 2.0 * w).abs())
+                    .fold(0f32, f32::max);
+                assert!(d < 1e-4, "case {i}, accumulated: {d}");
+            }
+            assert_eq!(
+                matmul(Mat::new(&[], 3, 0), Mat::new(&[], 0, 2), 1.0),
+                vec![0.0; 6]
+            );
         }
     }
 }

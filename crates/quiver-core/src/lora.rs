@@ -11,12 +11,40 @@ use std::sync::Arc;
 
 use candle_core::{Module, Result, Tensor};
 
+/// The rest of an adapter's hand-written backward pass, returned by
+/// [`HandGrad::forward_train`]: given `dL/d(delta)` it records the
+/// adapter's own parameter gradients and returns `dL/dx` through the adapter.
+pub type AdapterBackward = Box<dyn FnOnce(&Tensor) -> Result<Tensor> + Send>;
+
+/// An adapter's term in the training fast path's forward.
+pub enum AdapterTerm {
+    /// The term itself, `(.., out)`.
+    Dense(Tensor),
+    /// `scale * z @ b^T` (`z`: `(.., r)`, `b`: `(out, r)`): a low-rank
+    /// term the layer accumulates into its output without materialising it.
+    LowRank { z: Tensor, b: Tensor, scale: f64 },
+}
+
+/// An adapter with a hand-written backward pass: what the model's training
+/// fast path ([`crate::models::Llama::forward_train`]) needs instead of
+/// candle's autograd graph.
+pub trait HandGrad {
+    /// The adapter's term for a detached input, and its backward.
+    fn forward_train(&self, xs: &Tensor) -> Result<(AdapterTerm, AdapterBackward)>;
+}
+
 /// Something that adds a term to a linear layer's output given its input.
 ///
 /// # Shapes
 /// * `xs`: `(b_sz, seq_len, in)`; returns `(b_sz, seq_len, out)`.
 pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
     fn delta(&self, xs: &Tensor) -> Result<Tensor>;
+
+    /// `Some` when the adapter can train without candle's autograd graph
+    /// (see [`HandGrad`]); frozen adapters need not.
+    fn hand_grad(&self) -> Option<&dyn HandGrad> {
+        None
+    }
 
     /// Rows `(extra, in)` the layer may append to its weight, so that one
     /// matmul computes both its base output and these products of the
@@ -306,6 +334,66 @@ impl LoraLinear {
         match &self.bias {
             Some(b) => ys.broadcast_add(b),
             None => Ok(ys),
+        }
+    }
+
+    /// Whether [`LoraLinear::forward_train`] applies: a frozen weight and
+    /// no adapter, or one with a hand-written backward.
+    pub fn hand_backward_ready(&self) -> bool {
+        !self.weight.track_op()
+            && !self.bias.as_ref().is_some_and(|b| b.track_op())
+            && self
+                .adapter
+                .as_ref()
+                .is_none_or(|a| a.hand_grad().is_some())
+    }
+
+    /// The training fast path's forward: the layer's output for a detached
+    /// input (the f32 weight, never the quantized copy), and the adapter's
+    /// backward when it has one. See [`LoraLinear::backward_train`].
+    pub fn forward_train(&self, xs: &Tensor) -> Result<(Tensor, Option<AdapterBackward>)> {
+        let mut ys = crate::ops::linear_product(xs, &self.weight, true)?;
+        if let Some(b) = &self.bias {
+            ys = ys.broadcast_add(b)?;
+        }
+        match self.adapter.as_ref() {
+            None => Ok((ys, None)),
+            Some(a) => {
+                let hand = a.hand_grad().ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "{}: its adapter has no hand-written backward",
+                        self.name
+                    ))
+                })?;
+                let (term, bwd) = hand.forward_train(xs)?;
+                let ys = match term {
+                    AdapterTerm::Dense(d) => crate::ops::add_into(ys, &d)?,
+                    AdapterTerm::LowRank { z, b, scale } => {
+                        crate::ops::add_linear_product(ys, &z, &b, true, scale)?
+                    }
+                };
+                Ok((ys, Some(bwd)))
+            }
+        }
+    }
+
+    /// `acc + dL/dx` from `dL/dy` (`g`): `g W` for the frozen weight, plus
+    /// the adapter's part, whose backward also records its parameter
+    /// gradients. `acc` (the gradient of the same input through other
+    /// layers) is summed into in place where possible.
+    pub fn backward_train(
+        &self,
+        g: &Tensor,
+        adapter: Option<AdapterBackward>,
+        acc: Option<Tensor>,
+    ) -> Result<Tensor> {
+        let dx = match acc {
+            Some(acc) => crate::ops::add_linear_product(acc, g, &self.weight, false, 1.0)?,
+            None => crate::ops::linear_product(g, &self.weight, false)?,
+        };
+        match adapter {
+            Some(bwd) => crate::ops::add_into(dx, &bwd(g)?),
+            None => Ok(dx),
         }
     }
 

@@ -200,6 +200,150 @@ pub fn attach_grad3(
     )
 }
 
+/// The `(rows, cols)` matrix view of a contiguous f32 CPU tensor's values
+/// with `cols` its last dimension, for [`kernels::gemm`].
+fn with_matrix<R>(t: &Tensor, f: impl FnOnce(kernels::gemm::Mat) -> R) -> Result<R> {
+    let cols = t.dim(D::Minus1)?;
+    let rows = t.elem_count() / cols.max(1);
+    with_cpu_f32(t, |v| f(kernels::gemm::Mat::new(v, rows, cols)))
+}
+
+/// `xs @ w^T` (`w`: `(out, in)`), or `xs @ w` with `transpose: false`
+/// (`w`: `(in, out)`), for inputs that carry no gradient: on the CPU in
+/// f32 written straight into a new buffer ([`kernels::gemm::matmul`]),
+/// elsewhere candle's matmul.
+///
+/// # Shapes
+/// * `xs`: `(.., in)`; returns `(.., out)`.
+pub fn linear_product(xs: &Tensor, w: &Tensor, transpose: bool) -> Result<Tensor> {
+    if !cpu_f32(&[xs, w]) {
+        let w = if transpose { w.clone() } else { w.t()? };
+        return crate::lora::matmul_t(xs, &w);
+    }
+    let out = w.dim(if transpose { 0 } else { 1 })?;
+    let mut dims = xs.dims().to_vec();
+    *dims.last_mut().expect("rank >= 1") = out;
+    let y = with_matrix(xs, |x| {
+        with_matrix(w, |wm| {
+            let wm = if transpose { wm.t() } else { wm };
+            kernels::gemm::matmul(x, wm, 1.0)
+        })
+    })??;
+    Tensor::from_vec(y, dims, &Device::Cpu)
+}
+
+/// `dst + beta * xs @ w^T` (or `@ w` with `transpose: false`), as
+/// [`linear_product`]; on the CPU in f32 accumulated into `dst`'s own
+/// buffer, which the caller must not share with any other tensor.
+pub fn add_linear_product(
+    dst: Tensor,
+    xs: &Tensor,
+    w: &Tensor,
+    transpose: bool,
+    beta: f64,
+) -> Result<Tensor> {
+    if !cpu_f32(&[&dst, xs, w]) || !dst.is_contiguous() {
+        return dst + (linear_product(xs, w, transpose)? * beta)?;
+    }
+    let (xs, w) = (xs.contiguous()?, w.contiguous()?);
+    dst.inplace_op3(
+        &xs,
+        &w,
+        &AddProduct {
+            transpose,
+            beta: beta as f32,
+        },
+    )?;
+    Ok(dst)
+}
+
+/// `dst + src`; on the CPU in f32 added into `dst`'s own buffer, which the
+/// caller must not share with any other tensor.
+pub fn add_into(dst: Tensor, src: &Tensor) -> Result<Tensor> {
+    if !cpu_f32(&[&dst, src]) || !dst.is_contiguous() || dst.shape() != src.shape() {
+        return dst + src;
+    }
+    dst.inplace_op2(&src.contiguous()?, &AddInto)?;
+    Ok(dst)
+}
+
+/// The values of a contiguous f32 CPU storage, mutable.
+fn cpu_f32_slice_mut<'a>(
+    s: &'a mut candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> Result<&'a mut [f32]> {
+    let (lo, hi) = l.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg("an in-place kernel got a non-contiguous tensor".into())
+    })?;
+    match s {
+        candle_core::CpuStorage::F32(v) => Ok(&mut v[lo..hi]),
+        _ => candle_core::bail!("an in-place kernel got a tensor that is not f32"),
+    }
+}
+
+fn storage_f32<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> Result<&'a [f32]> {
+    let (lo, hi) = l.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg("an in-place kernel got a non-contiguous tensor".into())
+    })?;
+    Ok(&s.as_slice::<f32>()?[lo..hi])
+}
+
+/// `dst += beta * xs @ op(w)` in place ([`add_linear_product`]).
+struct AddProduct {
+    transpose: bool,
+    beta: f32,
+}
+
+impl candle_core::InplaceOp3 for AddProduct {
+    fn name(&self) -> &'static str {
+        "add-linear-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut candle_core::CpuStorage,
+        dl: &candle_core::Layout,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        w: &candle_core::CpuStorage,
+        wl: &candle_core::Layout,
+    ) -> Result<()> {
+        let (x, wv) = (storage_f32(xs, xl)?, storage_f32(w, wl)?);
+        let in_dim = *xl.dims().last().unwrap_or(&1);
+        let rows = x.len() / in_dim.max(1);
+        let wd = wl.dims();
+        if wd.len() != 2 {
+            candle_core::bail!("add-linear-product: the weight is not a matrix");
+        }
+        let wm = kernels::gemm::Mat::new(wv, wd[0], wd[1]);
+        let wm = if self.transpose { wm.t() } else { wm };
+        let dst = cpu_f32_slice_mut(dst, dl)?;
+        kernels::gemm::matmul_acc(dst, kernels::gemm::Mat::new(x, rows, in_dim), wm, self.beta);
+        Ok(())
+    }
+}
+
+/// `dst += src` in place ([`add_into`]).
+struct AddInto;
+
+impl candle_core::InplaceOp2 for AddInto {
+    fn name(&self) -> &'static str {
+        "add-into"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut candle_core::CpuStorage,
+        dl: &candle_core::Layout,
+        src: &candle_core::CpuStorage,
+        sl: &candle_core::Layout,
+    ) -> Result<()> {
+        let src = storage_f32(src, sl)?;
+        kernels::add_into(cpu_f32_slice_mut(dst, dl)?, src);
+        Ok(())
+    }
+}
+
 /// RMSNorm over the last dimension: `xs / sqrt(mean(xs^2) + eps) * weight`.
 ///
 /// # Shapes
@@ -213,15 +357,33 @@ pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     if !xs.track_op() {
         return Ok(ys);
     }
-    // dx = r (g w) - x r^3 mean(g w x), r = 1 / sqrt(mean(x^2) + eps)
     let w = weight.clone();
-    attach_grad(xs, ys, move |g| {
-        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-        let gw = g.broadcast_mul(&w)?;
-        let dot = (&gw * &x)?.mean_keepdim(D::Minus1)?;
-        let coef = (dot * r.powf(3.0)?)?;
-        gw.broadcast_mul(&r)? - x.broadcast_mul(&coef)?
-    })
+    attach_grad(xs, ys, move |g| rms_norm_backward(&x, &w, g, eps))
+}
+
+/// Gradient of [`rms_norm`] with respect to `xs` (the weight is frozen):
+/// `dx = r (g w) - x r^3 mean(g w x)`, `r = 1 / sqrt(mean(x^2) + eps)`.
+/// One fused pass on the CPU in f32 ([`kernels::rms_norm_backward`]).
+pub fn rms_norm_backward(xs: &Tensor, weight: &Tensor, g: &Tensor, eps: f64) -> Result<Tensor> {
+    if cpu_f32(&[xs, weight, g]) && xs.shape() == g.shape() {
+        let dx = with_cpu_f32(xs, |x| {
+            with_cpu_f32(weight, |w| {
+                with_cpu_f32(g, |gv| {
+                    let mut dx = vec![0f32; x.len()];
+                    kernels::rms_norm_backward(x, w, gv, &mut dx, eps as f32);
+                    dx
+                })
+            })
+        })???;
+        return Tensor::from_vec(dx, xs.shape(), &Device::Cpu);
+    }
+    let r = (xs.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    let gw = g.broadcast_mul(weight)?;
+    let dot = (&gw * xs)?.mean_keepdim(D::Minus1)?;
+    let coef = (dot * r.powf(3.0)?)?;
+    gw.broadcast_mul(&r)? - xs.broadcast_mul(&coef)?
 }
 
 /// Plain differentiable RMSNorm, the reference for the fused kernel.
@@ -265,6 +427,26 @@ pub fn log_softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     shifted.broadcast_sub(&lse)
 }
 
+/// Inverted dropout with drop probability `p` and the mask of
+/// [`kernels::dropout_keeps`] for `seed` (the same mask on every device,
+/// and again on every call with the same seed: the backward pass recomputes
+/// it instead of keeping it). Not differentiable by itself: used inside
+/// hand-written backward passes.
+pub fn dropout(xs: &Tensor, seed: u32, p: f32) -> Result<Tensor> {
+    if cpu_f32(&[xs]) {
+        let y = with_cpu_f32(xs, |x| {
+            let mut y = vec![0f32; x.len()];
+            kernels::dropout(Some(x), &mut y, seed, p);
+            y
+        })?;
+        return Tensor::from_vec(y, xs.shape(), &Device::Cpu);
+    }
+    let mut m = vec![1f32; xs.elem_count()];
+    kernels::dropout(None, &mut m, seed, p);
+    let m = Tensor::from_vec(m, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+    xs * m
+}
+
 /// Rotary embedding, "rotate half" layout (Hugging Face's).
 ///
 /// # Shapes
@@ -278,11 +460,17 @@ pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if !xs.track_op() {
         return Ok(ys);
     }
-    // RoPE is a rotation: its transpose rotates by the opposite angle.
     let (cos, neg_sin) = (cos.clone(), sin.neg()?);
-    attach_grad(xs, ys, move |g| {
-        candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin)
-    })
+    attach_grad(xs, ys, move |g| rope_backward(g, &cos, &neg_sin))
+}
+
+/// Gradient of [`rope`]: RoPE is a rotation, so its transpose rotates by
+/// the opposite angle. Takes `-sin` (computed once by the caller).
+pub fn rope_backward(g: &Tensor, cos: &Tensor, neg_sin: &Tensor) -> Result<Tensor> {
+    if g.dtype() != cos.dtype() {
+        return rope_composed(g, cos, neg_sin);
+    }
+    candle_nn::rotary_emb::rope(&g.contiguous()?, cos, neg_sin)
 }
 
 /// Sum over rows of `-log softmax(logits)[target]`, with a backward of
@@ -312,9 +500,9 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     })
 }
 
-fn cross_entropy_sum_cpu(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+/// The targets as `u32`, checked against `logits`' `(n, vocab)` shape.
+fn checked_targets(logits: &Tensor, targets: &Tensor) -> Result<Vec<u32>> {
     let (n, vocab) = logits.dims2()?;
-    let l = logits.detach().contiguous()?;
     let t = targets.to_dtype(DType::U32)?.to_vec1::<u32>()?;
     if t.len() != n {
         candle_core::bail!(
@@ -325,6 +513,45 @@ fn cross_entropy_sum_cpu(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if let Some(bad) = t.iter().find(|&&v| v as usize >= vocab) {
         candle_core::bail!("cross_entropy_sum: target {bad} outside the {vocab} classes");
     }
+    Ok(t)
+}
+
+/// [`cross_entropy_sum`] and the gradient of `g` times it with respect to
+/// the logits, `g * (softmax(logits) - onehot(target))`, outside any
+/// autograd graph (for hand-written backward passes).
+pub fn cross_entropy_sum_and_grad(
+    logits: &Tensor,
+    targets: &Tensor,
+    g: f64,
+) -> Result<(f64, Tensor)> {
+    let l = logits.detach().contiguous()?;
+    if !cpu_f32(&[&l]) {
+        let nll = cross_entropy_sum(&l, targets)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        let t = targets.unsqueeze(1)?;
+        let p = candle_nn::ops::softmax_last_dim(&l)?;
+        let minus_one = Tensor::full(-1f32, t.dims(), t.device())?.to_dtype(p.dtype())?;
+        return Ok((nll, (p.scatter_add(&t, &minus_one, 1)? * g)?));
+    }
+    let (n, vocab) = l.dims2()?;
+    let t = checked_targets(&l, targets)?;
+    let (nll, dx) = with_cpu_f32(&l, |x| {
+        let lse = kernels::logsumexp_rows(x, vocab);
+        let nll: f64 = (0..n)
+            .map(|r| (lse[r] - x[r * vocab + t[r] as usize]) as f64)
+            .sum();
+        let mut dx = vec![0f32; x.len()];
+        kernels::softmax_minus_onehot(x, &lse, &t, g as f32, &mut dx, vocab);
+        (nll, dx)
+    })?;
+    Ok((nll, Tensor::from_vec(dx, (n, vocab), &Device::Cpu)?))
+}
+
+fn cross_entropy_sum_cpu(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let (n, vocab) = logits.dims2()?;
+    let l = logits.detach().contiguous()?;
+    let t = checked_targets(&l, targets)?;
     let (lse, nll) = with_cpu_f32(&l, |x| {
         let lse = kernels::logsumexp_rows(x, vocab);
         let nll: f64 = (0..n)
@@ -377,12 +604,21 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if !tracks(&[gate, up]) {
         return Ok(ys);
     }
-    let shape = gate.shape().clone();
     // Two inputs through the three-input bridge: the third gets no gradient.
     attach_grad3((gate, up, up), ys, move |dy| {
+        let (dg, du) = silu_mul_backward(&g, &u, dy)?;
+        Ok((Some(dg), Some(du), None))
+    })
+}
+
+/// Gradients of [`silu_mul`] with respect to `gate` and `up`:
+/// `dg = dy u s (1 + g (1 - s))`, `du = dy g s`, `s = sigmoid(gate)`.
+pub fn silu_mul_backward(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let shape = gate.shape().clone();
+    if cpu_f32(&[gate, up]) && up.shape() == &shape && dy.shape() == &shape {
         let dy = dy.to_dtype(DType::F32)?;
-        let (dg, du) = with_cpu_f32(&g, |gs| {
-            with_cpu_f32(&u, |us| {
+        let (dg, du) = with_cpu_f32(gate, |gs| {
+            with_cpu_f32(up, |us| {
                 with_cpu_f32(&dy, |ds| {
                     let (mut dg, mut du) = (vec![0f32; gs.len()], vec![0f32; gs.len()]);
                     kernels::silu_mul_backward(gs, us, ds, &mut dg, &mut du);
@@ -390,12 +626,17 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
                 })
             })
         })???;
-        Ok((
-            Some(Tensor::from_vec(dg, &shape, &Device::Cpu)?),
-            Some(Tensor::from_vec(du, &shape, &Device::Cpu)?),
-            None,
-        ))
-    })
+        return Ok((
+            Tensor::from_vec(dg, &shape, &Device::Cpu)?,
+            Tensor::from_vec(du, &shape, &Device::Cpu)?,
+        ));
+    }
+    let s = candle_nn::ops::sigmoid(gate)?;
+    let gs = (gate * &s)?;
+    let du = (dy * &gs)?;
+    let ds = (&s + (&gs * (1.0 - &s)?)?)?;
+    let dg = ((dy * up)? * ds)?;
+    Ok((dg, du))
 }
 
 /// Plain differentiable `silu(gate) * up`.
@@ -431,17 +672,26 @@ pub fn causal_softmax(att: &Tensor, scale: f64) -> Result<Tensor> {
         return Ok(ys);
     }
     let y = ys.clone();
-    attach_grad(att, ys, move |dy| {
+    attach_grad(att, ys, move |dy| causal_softmax_backward(&y, dy, scale))
+}
+
+/// Gradient of [`causal_softmax`] from its output `y`:
+/// `dx = scale * y * (dy - <dy, y>)` per row (masked entries have `y = 0`).
+pub fn causal_softmax_backward(y: &Tensor, dy: &Tensor, scale: f64) -> Result<Tensor> {
+    if cpu_f32(&[y]) && y.shape() == dy.shape() {
+        let kv = y.dim(D::Minus1)?;
         let dy = dy.to_dtype(DType::F32)?;
-        let dx = with_cpu_f32(&y, |yv| {
+        let dx = with_cpu_f32(y, |yv| {
             with_cpu_f32(&dy, |dv| {
                 let mut dx = vec![0f32; yv.len()];
                 kernels::softmax_backward(yv, dv, &mut dx, kv, scale as f32);
                 dx
             })
         })??;
-        Tensor::from_vec(dx, y.shape(), &Device::Cpu)
-    })
+        return Tensor::from_vec(dx, y.shape(), &Device::Cpu);
+    }
+    let dot = (dy * y)?.sum_keepdim(D::Minus1)?;
+    (y * dy.broadcast_sub(&dot)?)? * scale
 }
 
 /// Plain differentiable scaled, causally masked softmax.

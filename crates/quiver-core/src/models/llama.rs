@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use super::config::LlamaConfig;
 use super::weights::WeightMap;
 use crate::error::{Error, Result};
-use crate::lora::LoraLinear;
+use crate::lora::{AdapterBackward, LoraLinear};
 use crate::ops;
 
 /// Per-layer cached keys and values.
@@ -326,6 +326,138 @@ impl Block {
     }
 }
 
+/// What a block's hand-written backward needs from its forward
+/// ([`Block::forward_train`]); dropped block by block as the backward
+/// pass goes down the model.
+struct BlockTape {
+    /// The block's input and its normalised copy.
+    x: Tensor,
+    /// `(b_sz, n_kv_head, rep * seq_len, head_dim)`: queries after RoPE,
+    /// grouped by the KV head they share.
+    q: Tensor,
+    /// `(b_sz, n_kv_head, seq_len, head_dim)`, keys after RoPE.
+    k: Tensor,
+    v: Tensor,
+    /// Attention weights, `(b_sz, n_kv_head, rep * seq_len, seq_len)`.
+    p: Tensor,
+    /// The residual stream after attention.
+    x1: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    /// The adapters' backward passes: q, k, v, o, gate, up, down.
+    adapters: [Option<AdapterBackward>; 7],
+}
+
+impl Block {
+    /// The whole-model training fast path's forward of one block, on a
+    /// detached input: the output, and what [`Block::backward_train`]
+    /// needs. No KV cache; attention is causal over the input.
+    fn forward_train(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, BlockTape)> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        let (b_sz, seq_len, _) = x.dims3()?;
+        let (nh, nkv, hd) = (a.n_head, a.n_kv_head, a.head_dim);
+        let rep = nh / nkv;
+        let h1 = ops::rms_norm(x, &self.input_layernorm, self.eps)?;
+        let (q, bq) = a.q_proj.forward_train(&h1)?;
+        let (k, bk) = a.k_proj.forward_train(&h1)?;
+        let (v, bv) = a.v_proj.forward_train(&h1)?;
+        let q = q.reshape((b_sz, seq_len, nh, hd))?.transpose(1, 2)?;
+        let k = k.reshape((b_sz, seq_len, nkv, hd))?.transpose(1, 2)?;
+        let v = v
+            .reshape((b_sz, seq_len, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = ops::rope(&q, cos, sin)?
+            .contiguous()?
+            .reshape((b_sz, nkv, rep * seq_len, hd))?;
+        let k = ops::rope(&k, cos, sin)?.contiguous()?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let att = q.matmul(&k.t()?)?.reshape((b_sz, nh, seq_len, seq_len))?;
+        let p = ops::causal_softmax(&att, scale)?.reshape((b_sz, nkv, rep * seq_len, seq_len))?;
+        let o = p
+            .matmul(&v)?
+            .reshape((b_sz, nh, seq_len, hd))?
+            .transpose(1, 2)?
+            .reshape((b_sz, seq_len, nh * hd))?;
+        let (attn, bo) = a.o_proj.forward_train(&o)?;
+        let x1 = ops::add_into(attn, x)?;
+        let h2 = ops::rms_norm(&x1, &self.post_attention_layernorm, self.eps)?;
+        let (gate, bg) = m.gate_proj.forward_train(&h2)?;
+        let (up, bu) = m.up_proj.forward_train(&h2)?;
+        let (down, bd) = m.down_proj.forward_train(&ops::silu_mul(&gate, &up)?)?;
+        let y = ops::add_into(down, &x1)?;
+        let tape = BlockTape {
+            x: x.clone(),
+            q,
+            k,
+            v,
+            p,
+            x1,
+            gate,
+            up,
+            adapters: [bq, bk, bv, bo, bg, bu, bd],
+        };
+        Ok((y, tape))
+    }
+
+    /// `dL/dx` of the block from `dL/dy`, by hand (every op's backward in
+    /// reverse order, see [`crate::ops`]); the adapters record their
+    /// parameter gradients on the way. `neg_sin` is `-sin`.
+    fn backward_train(
+        &self,
+        t: BlockTape,
+        gy: &Tensor,
+        cos: &Tensor,
+        neg_sin: &Tensor,
+    ) -> Result<Tensor> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        let (b_sz, seq_len, _) = gy.dims3()?;
+        let (nh, nkv, hd) = (a.n_head, a.n_kv_head, a.head_dim);
+        let rep = nh / nkv;
+        let [bq, bk, bv, bo, bg, bu, bd] = t.adapters;
+        // MLP and its residual.
+        let gact = m.down_proj.backward_train(gy, bd, None)?;
+        let (ggate, gup) = ops::silu_mul_backward(&t.gate, &t.up, &gact)?;
+        drop((t.gate, t.up, gact));
+        let gh2 = m.gate_proj.backward_train(&ggate, bg, None)?;
+        let gh2 = m.up_proj.backward_train(&gup, bu, Some(gh2))?;
+        let h2_grad =
+            ops::rms_norm_backward(&t.x1, &self.post_attention_layernorm, &gh2, self.eps)?;
+        let gx1 = ops::add_into(h2_grad, gy)?;
+        // Attention and its residual.
+        let go = a
+            .o_proj
+            .backward_train(&gx1, bo, None)?
+            .reshape((b_sz, seq_len, nh, hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b_sz, nkv, rep * seq_len, hd))?;
+        let gp = go.matmul(&t.v.t()?)?;
+        let gv = t.p.t()?.matmul(&go)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let gatt = ops::causal_softmax_backward(&t.p, &gp, scale)?;
+        let gq = gatt.matmul(&t.k)?.reshape((b_sz, nh, seq_len, hd))?;
+        let gk = gatt.t()?.matmul(&t.q)?;
+        let gq = ops::rope_backward(&gq, cos, neg_sin)?;
+        let gk = ops::rope_backward(&gk, cos, neg_sin)?;
+        let flat =
+            |g: &Tensor, heads: usize| g.transpose(1, 2)?.reshape((b_sz, seq_len, heads * hd));
+        let gh1 = a.q_proj.backward_train(&flat(&gq, nh)?, bq, None)?;
+        let gh1 = a.k_proj.backward_train(&flat(&gk, nkv)?, bk, Some(gh1))?;
+        let gh1 = a.v_proj.backward_train(&flat(&gv, nkv)?, bv, Some(gh1))?;
+        let h1_grad = ops::rms_norm_backward(&t.x, &self.input_layernorm, &gh1, self.eps)?;
+        Ok(ops::add_into(h1_grad, &gx1)?)
+    }
+}
+
+/// What [`Llama::backward_train`] needs from [`Llama::forward_train`].
+pub struct ModelTape {
+    blocks: Vec<BlockTape>,
+    /// The last block's output (the final norm's input).
+    last: Tensor,
+    seq_len: usize,
+}
+
 fn linear(w: &WeightMap, name: &str, out: usize, inp: usize, bias: bool) -> Result<LoraLinear> {
     let weight = w.get(&format!("{name}.weight"), &[out, inp])?;
     let bias = if bias {
@@ -502,17 +634,7 @@ impl Llama {
                 )));
             }
         }
-        let vocab = self.cfg.vocab_size as u32;
-        let ids = input_ids.flatten_all()?.to_vec1::<u32>()?;
-        if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
-            return Err(Error::invalid(format!(
-                "token id {bad} is outside the vocabulary ({vocab} tokens)"
-            )));
-        }
-        let mut xs = self
-            .embed_tokens
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b_sz, seq_len, self.cfg.hidden_size))?;
+        let mut xs = self.embed(input_ids)?;
         let cos = self.cos.narrow(0, offset, seq_len)?;
         let sin = self.sin.narrow(0, offset, seq_len)?;
         match cache {
@@ -528,6 +650,99 @@ impl Llama {
             }
         }
         Ok(ops::rms_norm(&xs, &self.norm, self.cfg.rms_norm_eps)?)
+    }
+
+    /// The token embeddings of `input_ids` (`(b_sz, seq_len)` u32), with
+    /// every id checked against the vocabulary.
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b_sz, seq_len) = input_ids.dims2()?;
+        let vocab = self.cfg.vocab_size as u32;
+        let ids = input_ids.flatten_all()?.to_vec1::<u32>()?;
+        if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
+            return Err(Error::invalid(format!(
+                "token id {bad} is outside the vocabulary ({vocab} tokens)"
+            )));
+        }
+        Ok(self
+            .embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b_sz, seq_len, self.cfg.hidden_size))?)
+    }
+
+    /// Whether [`Llama::forward_train`] applies: frozen norms and weights,
+    /// and adapters that all have a hand-written backward
+    /// ([`crate::lora::HandGrad`]), as LoRA training installs.
+    pub fn hand_backward_ready(&self) -> bool {
+        !self.norm.track_op()
+            && self
+                .layers
+                .iter()
+                .all(|b| !b.input_layernorm.track_op() && !b.post_attention_layernorm.track_op())
+            && self.linears().iter().all(|l| l.hand_backward_ready())
+    }
+
+    /// Training without candle's autograd graph: the final hidden states
+    /// (as [`Llama::forward_hidden`] without a cache) and the tape that
+    /// [`Llama::backward_train`] consumes. Every op of a block is
+    /// differentiated by hand, so the backward pass allocates no
+    /// zero-filled gradient per graph node and sums no gradients one node
+    /// at a time (candle's autograd does both, which cost about a quarter
+    /// of a CPU training step here).
+    ///
+    /// # Shapes
+    /// * `input_ids`: `(b_sz, seq_len)`; returns `(b_sz, seq_len, hidden)`.
+    pub fn forward_train(&self, input_ids: &Tensor) -> Result<(Tensor, ModelTape)> {
+        if !self.hand_backward_ready() {
+            return Err(Error::invalid(
+                "the hand-written training pass needs frozen weights and adapters with a hand-written backward",
+            ));
+        }
+        let seq_len = input_ids.dims2()?.1;
+        let max = self.cfg.max_position_embeddings;
+        if seq_len > max {
+            return Err(Error::ContextTooLong {
+                tokens: seq_len,
+                max,
+            });
+        }
+        let mut xs = self.embed(input_ids)?;
+        let cos = self.cos.narrow(0, 0, seq_len)?;
+        let sin = self.sin.narrow(0, 0, seq_len)?;
+        let mut blocks = Vec::with_capacity(self.layers.len());
+        for block in &self.layers {
+            let (ys, tape) = block.forward_train(&xs, &cos, &sin)?;
+            blocks.push(tape);
+            xs = ys;
+        }
+        let hidden = ops::rms_norm(&xs, &self.norm, self.cfg.rms_norm_eps)?;
+        Ok((
+            hidden,
+            ModelTape {
+                blocks,
+                last: xs,
+                seq_len,
+            },
+        ))
+    }
+
+    /// The backward pass of [`Llama::forward_train`] from `dL/d(hidden)`:
+    /// the adapters record their parameter gradients (the embeddings are
+    /// frozen, so nothing is returned).
+    pub fn backward_train(&self, tape: ModelTape, d_hidden: &Tensor) -> Result<()> {
+        let eps = self.cfg.rms_norm_eps;
+        let mut g = ops::rms_norm_backward(&tape.last, &self.norm, d_hidden, eps)?;
+        drop(tape.last);
+        let cos = self.cos.narrow(0, 0, tape.seq_len)?;
+        let neg_sin = self.sin.narrow(0, 0, tape.seq_len)?.neg()?;
+        for (block, t) in self.layers.iter().zip(tape.blocks).rev() {
+            g = block.backward_train(t, &g, &cos, &neg_sin)?;
+        }
+        Ok(())
+    }
+
+    /// The output layer (the embeddings when they are tied).
+    pub fn lm_head(&self) -> &LoraLinear {
+        &self.lm_head
     }
 
     /// Logits from hidden states.

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::Example;
 use crate::error::{candle_msg, Error, Result};
 use crate::expert::{Expert, LoraWeights};
-use crate::lora::{matmul_t, LinearAdapter, LoraConfig};
+use crate::lora::{matmul_t, AdapterBackward, AdapterTerm, HandGrad, LinearAdapter, LoraConfig};
 use crate::models::weights::load_safetensors;
 use crate::models::Llama;
 use crate::ops;
@@ -114,6 +114,10 @@ struct DropoutState {
     rng: rand::rngs::SmallRng,
 }
 
+/// Summed `(dL/dA, dL/dB)` of one trainable LoRA from the hand-written
+/// backward pass, until the trainer takes them.
+type GradSlot = Arc<Mutex<Option<(Tensor, Tensor)>>>;
+
 /// The LoRA adapter used while training: trainable `A`, `B` and dropout on
 /// the layer input (PEFT: `B(A(dropout(x))) * scale`).
 #[derive(Debug)]
@@ -123,80 +127,109 @@ struct TrainableLora {
     scale: f64,
     dropout: f32,
     state: Arc<Mutex<DropoutState>>,
+    grads: GradSlot,
 }
 
+/// `(dL/dx when asked for, dL/dA, dL/dB)` from `dL/dy`.
+type LoraGrads = candle_core::Result<(Option<Tensor>, Tensor, Tensor)>;
+
 impl TrainableLora {
-    /// A dropout keep-mask for `n` inputs, or `None` outside training or
-    /// without dropout: 1 keeps an input (scaled by 1 / (1 - p)), 0 drops it.
-    fn draw_mask(&self, n: usize) -> Option<Vec<u8>> {
+    /// The seed of this call's dropout mask ([`ops::dropout`]), or `None`
+    /// outside training or without dropout. Seeds come from the generator
+    /// re-seeded at every micro-batch, in the order the layers run.
+    fn draw_seed(&self) -> Option<u32> {
         if self.dropout <= 0.0 {
             return None;
         }
         let mut st = self.state.lock().expect("dropout state");
-        if !st.training {
-            return None;
-        }
-        let threshold = (self.dropout as f64 * u32::MAX as f64) as u32;
-        Some(
-            (0..n)
-                .map(|_| (st.rng.random::<u32>() >= threshold) as u8)
-                .collect(),
-        )
+        st.training.then(|| st.rng.random::<u32>())
     }
-}
 
-/// `x * mask / keep` (the dropped-out input).
-fn apply_mask(x: &Tensor, mask: &Tensor, keep: f64) -> candle_core::Result<Tensor> {
-    x.mul(&(mask.to_dtype(x.dtype())? * (1.0 / keep))?)
-}
-
-impl LinearAdapter for TrainableLora {
-    /// `scale * B (A dropout(x))`, PEFT's LoRA, as one graph node with a
-    /// hand-written backward: the graph keeps `x` (alive anyway), a byte
-    /// mask and the rank-r projection, where a composition of candle ops
-    /// would keep the mask, the dropped input and two full-width products
-    /// for every adapted layer.
-    fn delta(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let device = xs.device().clone();
-        let mask = match self.draw_mask(xs.elem_count()) {
-            Some(m) => Some(Tensor::from_vec(m, xs.shape(), &device)?),
-            None => None,
+    /// `z = A dropout(x)` for a detached `x` (the term is `scale * B z`),
+    /// and the backward of the term. The
+    /// backward keeps `x` (alive anyway) and the rank-r projection, and
+    /// recomputes the dropout mask from its seed, where a composition of
+    /// candle ops would keep the mask, the dropped input and two
+    /// full-width products for every adapted layer.
+    fn forward_parts(
+        &self,
+        x: &Tensor,
+        need_dx: bool,
+    ) -> candle_core::Result<(
+        Tensor,
+        impl Fn(&Tensor) -> LoraGrads + Send + Sync + 'static,
+    )> {
+        let (seed, p, scale) = (self.draw_seed(), self.dropout, self.scale);
+        let dropped = move |t: &Tensor| match seed {
+            Some(s) => ops::dropout(t, s, p),
+            None => Ok(t.clone()),
         };
-        let keep = 1.0 - self.dropout as f64;
-        let scale = self.scale;
-        let need_dx = xs.track_op();
-        let x = xs.detach();
         let (a, b) = (self.a.as_tensor().detach(), self.b.as_tensor().detach());
-        let z = match &mask {
-            Some(m) => matmul_t(&apply_mask(&x, m, keep)?, &a)?,
-            None => matmul_t(&x, &a)?,
-        };
-        let ys = (matmul_t(&z, &b)? * scale)?;
-        crate::ops::attach_grad3((xs, self.a.as_tensor(), self.b.as_tensor()), ys, move |g| {
+        let z = ops::linear_product(&dropped(x)?, &a, true)?;
+        let x = x.clone();
+        let z_out = z.clone();
+        let bwd = move |g: &Tensor| -> LoraGrads {
             let (r, inp) = a.dims2()?;
             let out = b.dims()[0];
             let rows = g.elem_count() / out;
             let g2 = g.reshape((rows, out))?;
             let z2 = z.reshape((rows, r))?;
-            // dB = s g^T z, dz = s g B, dA = dz^T xd, dx = (dz A) * mask / keep
+            // dB = s g^T z, dz = s g B, dA = dz^T xd, dx = dropout(dz A)
             let db = (g2.t()?.matmul(&z2)? * scale)?;
             let dz = (g2.matmul(&b)? * scale)?;
-            let x2 = x.reshape((rows, inp))?;
-            let xd = match &mask {
-                Some(m) => apply_mask(&x2, &m.reshape((rows, inp))?, keep)?,
-                None => x2,
+            let da = dz.t()?.matmul(&dropped(&x.reshape((rows, inp))?)?)?;
+            let dx = if need_dx {
+                Some(dropped(&dz.matmul(&a)?)?.reshape(x.shape())?)
+            } else {
+                None
             };
-            let da = dz.t()?.matmul(&xd)?;
-            if !need_dx {
-                return Ok((None, Some(da), Some(db)));
-            }
-            let dx = dz.matmul(&a)?;
-            let dx = match &mask {
-                Some(m) => apply_mask(&dx, &m.reshape((rows, inp))?, keep)?,
-                None => dx,
-            };
-            Ok((Some(dx.reshape(x.shape())?), Some(da), Some(db)))
+            Ok((dx, da, db))
+        };
+        Ok((z_out, bwd))
+    }
+}
+
+impl LinearAdapter for TrainableLora {
+    /// One graph node with the hand-written backward of
+    /// [`TrainableLora::forward_parts`].
+    fn delta(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let (z, bwd) = self.forward_parts(&xs.detach(), xs.track_op())?;
+        let ys = (matmul_t(&z, &self.b.as_tensor().detach())? * self.scale)?;
+        crate::ops::attach_grad3((xs, self.a.as_tensor(), self.b.as_tensor()), ys, move |g| {
+            let (dx, da, db) = bwd(g)?;
+            Ok((dx, Some(da), Some(db)))
         })
+    }
+
+    fn hand_grad(&self) -> Option<&dyn HandGrad> {
+        Some(self)
+    }
+}
+
+impl HandGrad for TrainableLora {
+    /// The backward adds `dA`, `dB` to the adapter's gradient slot.
+    fn forward_train(&self, xs: &Tensor) -> candle_core::Result<(AdapterTerm, AdapterBackward)> {
+        let (z, bwd) = self.forward_parts(xs, true)?;
+        let term = AdapterTerm::LowRank {
+            z,
+            b: self.b.as_tensor().detach(),
+            scale: self.scale,
+        };
+        let slot = self.grads.clone();
+        Ok((
+            term,
+            Box::new(move |g: &Tensor| {
+                let (dx, da, db) = bwd(g)?;
+                let mut s = slot
+                    .lock()
+                    .map_err(|_| candle_core::Error::Msg("LoRA gradient slot poisoned".into()))?;
+                *s = Some(match s.take() {
+                    Some((a0, b0)) => ((a0 + da)?, (b0 + db)?),
+                    None => (da, db),
+                });
+                dx.ok_or_else(|| candle_core::Error::Msg("LoRA backward gave no dx".into()))
+            }),
+        ))
     }
 }
 
@@ -296,6 +329,34 @@ fn batch_nll_sum(model: &Llama, batch: &Batch) -> Result<Tensor> {
     Ok(ops::cross_entropy_sum(&logits, &batch.targets)?)
 }
 
+/// One micro-batch through the model's hand-written training pass: the
+/// summed target-token loss; the gradients of `loss * norm` are left in
+/// the adapters' slots.
+fn hand_pass(
+    model: &Llama,
+    batch: &Batch,
+    norm: f64,
+) -> Result<(f64, Option<candle_core::backprop::GradStore>)> {
+    let (hidden, tape) = model.forward_train(&batch.ids)?;
+    let (b, s, h) = hidden.dims3()?;
+    let picked = hidden
+        .reshape((b * s, h))?
+        .index_select(&batch.positions, 0)?;
+    drop(hidden);
+    let head = model.lm_head();
+    let (logits, head_bwd) = head.forward_train(&picked)?;
+    let (nll, dlogits) =
+        ops::cross_entropy_sum_and_grad(&logits.to_dtype(DType::F32)?, &batch.targets, norm)?;
+    drop(logits);
+    let d_picked = head.backward_train(&dlogits.to_dtype(picked.dtype())?, head_bwd, None)?;
+    drop(dlogits);
+    let d_hidden = Tensor::zeros((b * s, h), d_picked.dtype(), d_picked.device())?
+        .index_add(&batch.positions, &d_picked, 0)?
+        .reshape((b, s, h))?;
+    model.backward_train(tape, &d_hidden)?;
+    Ok((nll, None))
+}
+
 /// Mean target-token loss over `data` (no dropout, no gradient).
 pub fn mean_loss(model: &Llama, data: &[Tokenized], batch_size: usize) -> Result<f64> {
     if data.is_empty() {
@@ -369,6 +430,8 @@ pub struct LoraTrainer {
     pub modules: Vec<String>,
     /// `[A_0, B_0, A_1, B_1, ...]`, matching `modules`.
     vars: Vec<Var>,
+    /// Each module's gradient slot (the hand-written backward's output).
+    slots: Vec<GradSlot>,
     opt: AdamW,
     dropout: Arc<Mutex<DropoutState>>,
 }
@@ -387,6 +450,7 @@ impl LoraTrainer {
         }));
         let mut modules = Vec::new();
         let mut vars: Vec<Var> = Vec::new();
+        let mut slots = Vec::new();
         for lin in model.linears_mut() {
             if !cfg.lora.target_modules.matches(lin.name()) {
                 continue;
@@ -400,13 +464,16 @@ impl LoraTrainer {
                 &Tensor::from_vec(a, (cfg.lora.rank, inp), &device)?.to_dtype(dtype)?,
             )?;
             let b = Var::from_tensor(&Tensor::zeros((out, cfg.lora.rank), dtype, &device)?)?;
+            let slot = GradSlot::default();
             lin.set_adapter(Some(Arc::new(TrainableLora {
                 a: a.clone(),
                 b: b.clone(),
                 scale: cfg.lora.scale(),
                 dropout: cfg.lora.dropout as f32,
                 state: dropout.clone(),
+                grads: slot.clone(),
             })));
+            slots.push(slot);
             modules.push(lin.name().to_string());
             vars.push(a);
             vars.push(b);
@@ -421,6 +488,7 @@ impl LoraTrainer {
         Ok(Self {
             modules,
             vars,
+            slots,
             opt,
             dropout,
         })
@@ -430,8 +498,32 @@ impl LoraTrainer {
     /// seed): gradients are summed over micro-batches and normalised by the
     /// step's number of target tokens. Returns the mean target-token loss.
     pub fn step(&mut self, model: &Llama, micro: &[(Batch, u64)], lr: f64) -> Result<f64> {
+        let hand = model.hand_backward_ready();
+        let (loss, grads) = self.gradients(model, micro, hand)?;
+        self.opt.step(&grads, lr)?;
+        Ok(loss)
+    }
+
+    /// The mean target-token loss over `micro` and the gradients of
+    /// `vars`, either by the model's hand-written backward
+    /// ([`Llama::forward_train`], what [`LoraTrainer::step`] uses whenever
+    /// it applies) or by candle's autograd (the reference).
+    fn gradients(
+        &mut self,
+        model: &Llama,
+        micro: &[(Batch, u64)],
+        hand: bool,
+    ) -> Result<(f64, Vec<Option<Tensor>>)> {
         let target_count: usize = micro.iter().map(|(b, _)| b.n_targets).sum();
+        let norm = 1.0 / target_count.max(1) as f64;
         let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+        let mut add = |i: usize, g: Tensor| -> Result<()> {
+            grads[i] = Some(match grads[i].take() {
+                Some(acc) => (acc + g)?,
+                None => g,
+            });
+            Ok(())
+        };
         let mut loss_sum = 0.0;
         for (batch, seed) in micro {
             {
@@ -439,28 +531,39 @@ impl LoraTrainer {
                 st.training = true;
                 st.rng = rand::rngs::SmallRng::seed_from_u64(*seed);
             }
-            let nll = batch_nll_sum(model, batch);
-            let nll = match nll {
-                Ok(n) => n,
-                Err(e) => {
-                    self.dropout.lock().expect("dropout state").training = false;
-                    return Err(e);
-                }
+            for slot in &self.slots {
+                slot.lock().expect("gradient slot").take();
+            }
+            let pass = if hand {
+                hand_pass(model, batch, norm)
+            } else {
+                batch_nll_sum(model, batch).and_then(|nll| {
+                    let loss = nll.to_scalar::<f32>()? as f64;
+                    Ok((loss, Some((nll * norm)?.backward()?)))
+                })
             };
-            loss_sum += nll.to_scalar::<f32>()? as f64;
-            let g = (nll / target_count.max(1) as f64)?.backward()?;
-            for (i, v) in self.vars.iter().enumerate() {
-                if let Some(gi) = g.get(v.as_tensor()) {
-                    grads[i] = Some(match grads[i].take() {
-                        Some(acc) => (acc + gi)?,
-                        None => gi.clone(),
-                    });
+            self.dropout.lock().expect("dropout state").training = false;
+            let (loss, store) = pass?;
+            loss_sum += loss;
+            match store {
+                Some(g) => {
+                    for (i, v) in self.vars.iter().enumerate() {
+                        if let Some(gi) = g.get(v.as_tensor()) {
+                            add(i, gi.clone())?;
+                        }
+                    }
+                }
+                None => {
+                    for (m, slot) in self.slots.iter().enumerate() {
+                        if let Some((da, db)) = slot.lock().expect("gradient slot").take() {
+                            add(2 * m, da)?;
+                            add(2 * m + 1, db)?;
+                        }
+                    }
                 }
             }
         }
-        self.dropout.lock().expect("dropout state").training = false;
-        self.opt.step(&grads, lr)?;
-        Ok(loss_sum / target_count.max(1) as f64)
+        Ok((loss_sum * norm, grads))
     }
 
     /// The current LoRA factors, detached from the graph.
@@ -776,6 +879,7 @@ mod fused_lora_tests {
                 training: true,
                 rng: rand::rngs::SmallRng::seed_from_u64(seed),
             })),
+            grads: GradSlot::default(),
         }
     }
 
@@ -790,19 +894,22 @@ mod fused_lora_tests {
             let y = l.delta(x.as_tensor()).unwrap();
             let g1 = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
 
-            // The same mask, drawn again from the same seed.
+            // The same mask, from the same seed (the first draw of the
+            // generator) through the kernel's own hash.
             let keep = 1.0 - p as f64;
-            let mut rng = rand::rngs::SmallRng::seed_from_u64(9);
-            let threshold = (p as f64 * u32::MAX as f64) as u32;
+            let seed = rand::rngs::SmallRng::seed_from_u64(9).random::<u32>();
+            let threshold = crate::kernels::dropout_threshold(p);
             let m: Vec<f32> = (0..x.elem_count())
-                .map(|_| {
-                    if p == 0.0 || rng.random::<u32>() >= threshold {
+                .map(|i| {
+                    if p == 0.0 || crate::kernels::dropout_keeps(seed, i, threshold) {
                         (1.0 / keep) as f32
                     } else {
                         0.0
                     }
                 })
                 .collect();
+            let dropped = m.iter().filter(|&&v| v == 0.0).count();
+            assert_eq!(dropped == 0, p == 0.0, "p = {p}: {dropped} dropped");
             let m = Tensor::from_vec(m, x.shape(), &Device::Cpu).unwrap();
             let xd = (x.as_tensor() * &m).unwrap();
             let y2 = (matmul_t(&matmul_t(&xd, l.a.as_tensor()).unwrap(), l.b.as_tensor()).unwrap()
@@ -828,6 +935,103 @@ mod fused_lora_tests {
             ] {
                 close(g1.get(t).unwrap(), g2.get(t).unwrap(), what);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod hand_backward_tests {
+    use super::*;
+    use crate::lora::TargetModules;
+    use crate::models::weights::{tiny_config, WeightMap};
+    use crate::testutil::max_abs_diff;
+
+    fn all_linears(dropout: f64) -> TrainConfig {
+        TrainConfig {
+            lora: LoraConfig {
+                rank: 3,
+                alpha: 6.0,
+                dropout,
+                target_modules: TargetModules::Names(
+                    [
+                        "q_proj",
+                        "k_proj",
+                        "v_proj",
+                        "o_proj",
+                        "gate_proj",
+                        "up_proj",
+                        "down_proj",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                ),
+                ..LoraConfig::default()
+            },
+            ..TrainConfig::default()
+        }
+    }
+
+    /// The model's hand-written training pass gives the same loss and the
+    /// same gradient for every LoRA factor as candle's autograd through the
+    /// differentiable ops, with dropout (the same masks: same seeds, drawn
+    /// in the same layer order), padding, targets on some positions only,
+    /// grouped-query attention and two micro-batches.
+    #[test]
+    fn hand_backward_equals_autograd() {
+        let dev = Device::Cpu;
+        let cfg = tiny_config();
+        let w = WeightMap::random(&cfg, 3, &dev).unwrap();
+        let mut model = Llama::new(&cfg, &w, &dev).unwrap();
+        for dropout in [0.0, 0.2] {
+            let mut trainer = LoraTrainer::attach(&mut model, &all_linears(dropout)).unwrap();
+            // B starts at zero, which would hide dA and the adapters' dx.
+            for (i, v) in trainer.vars.iter().enumerate() {
+                if i % 2 == 1 {
+                    let t = Tensor::randn(0f32, 0.3, v.shape(), &dev).unwrap();
+                    v.set(&t).unwrap();
+                }
+            }
+            assert!(model.hand_backward_ready());
+            let items = [
+                Tokenized {
+                    input: vec![1, 5, 9, 2],
+                    target: vec![7, 3],
+                },
+                Tokenized {
+                    input: vec![4],
+                    target: vec![8, 8, 1, 6, 2, 11],
+                },
+                Tokenized {
+                    input: vec![13, 14, 15],
+                    target: vec![16],
+                },
+            ];
+            let b1 = Batch::new(&[&items[0], &items[1]], &dev).unwrap();
+            let b2 = Batch::new(&[&items[2]], &dev).unwrap();
+            let micro = vec![(b1, 11u64), (b2, 12u64)];
+            let (l_hand, g_hand) = trainer.gradients(&model, &micro, true).unwrap();
+            let (l_auto, g_auto) = trainer.gradients(&model, &micro, false).unwrap();
+            assert!((l_hand - l_auto).abs() < 1e-5, "loss {l_hand} vs {l_auto}");
+            assert_eq!(g_hand.len(), 2 * 7 * cfg.num_hidden_layers);
+            for (i, (h, a)) in g_hand.iter().zip(&g_auto).enumerate() {
+                let (h, a) = (h.as_ref().unwrap(), a.as_ref().unwrap());
+                let scale = a
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let d = max_abs_diff(h, a);
+                assert!(scale > 0.0, "p = {dropout}, gradient {i} is zero");
+                assert!(
+                    d <= 1e-4 * scale.max(1.0),
+                    "p = {dropout}, {} gradient of {}: max diff {d} (scale {scale})",
+                    if i % 2 == 0 { "A" } else { "B" },
+                    trainer.modules[i / 2]
+                );
+            }
+            detach_adapters(&mut model);
         }
     }
 }
