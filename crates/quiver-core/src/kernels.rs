@@ -334,27 +334,157 @@ pub fn dropout(x: Option<&[f32]>, y: &mut [f32], seed: u32, p: f32) {
     let threshold = dropout_threshold(p);
     let inv_keep = 1.0 / (1.0 - p);
     let out = Shared(y.as_mut_ptr());
-    // Pieces start at multiples of FLAT_ROW, so none crosses a multiple
-    // of 2^32 (where the seed's mix changes).
     par_rows(n.div_ceil(FLAT_ROW), FLAT_ROW, |rows| {
         let (lo, hi) = (rows.start * FLAT_ROW, (rows.end * FLAT_ROW).min(n));
-        let mut at = lo;
-        while at < hi {
-            let end = (hi as u64).min((at as u64 | 0xffff_ffff) + 1) as usize;
-            // SAFETY: at..end is this call's own part of `y`.
-            let y = unsafe { out.span(at, end - at) };
-            let x = x.map(|x| &x[at..end]);
-            #[cfg(target_arch = "x86_64")]
-            if avx2() {
-                // SAFETY: the CPU has AVX2 (checked just above).
-                unsafe { dropout_span_avx2(x, y, at, seed, threshold, inv_keep) };
-                at = end;
-                continue;
+        // SAFETY: lo..hi is this call's own part of `y`.
+        let y = unsafe { out.span(lo, hi - lo) };
+        dropout_piece(x.map(|x| &x[lo..hi]), y, lo, seed, threshold, inv_keep);
+    });
+}
+
+/// [`dropout`] of the elements `first..first + y.len()` of a tensor, on
+/// the calling thread: split where the index crosses a multiple of 2^32
+/// (where the seed's mix changes).
+fn dropout_piece(
+    x: Option<&[f32]>,
+    y: &mut [f32],
+    first: usize,
+    seed: u32,
+    threshold: u32,
+    inv_keep: f32,
+) {
+    let mut at = 0;
+    while at < y.len() {
+        let i = first + at;
+        let len = ((y.len() - at) as u64).min((i as u64 | 0xffff_ffff) + 1 - i as u64) as usize;
+        let (xs, ys) = (x.map(|x| &x[at..at + len]), &mut y[at..at + len]);
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            unsafe { dropout_span_avx2(xs, ys, i, seed, threshold, inv_keep) };
+            at += len;
+            continue;
+        }
+        dropout_span(xs, ys, i, seed, threshold, inv_keep);
+        at += len;
+    }
+}
+
+/// The shape of a LoRA's down-projection `z = dropout(x) a^T`: `x` is
+/// `rows x inp`, `a` is `r x inp`, `z` is `rows x r`.
+#[derive(Clone, Copy, Debug)]
+pub struct LoraDown {
+    pub rows: usize,
+    pub inp: usize,
+    pub r: usize,
+    /// The dropout mask's seed ([`dropout`], over `x`'s flat indices);
+    /// `None`: no dropout.
+    pub seed: Option<u32>,
+    /// Drop probability.
+    pub p: f32,
+}
+
+impl LoraDown {
+    fn check(&self, x: &[f32], a: &[f32], z: &[f32]) {
+        assert!(
+            x.len() == self.rows * self.inp
+                && a.len() == self.r * self.inp
+                && z.len() == self.rows * self.r,
+            "lora_down: shapes"
+        );
+    }
+
+    /// Row `t` of `dropout(x)` into `buf` (or `x`'s own row without dropout).
+    fn row<'a>(&self, x: &'a [f32], t: usize, buf: &'a mut [f32]) -> &'a [f32] {
+        let xr = &x[t * self.inp..(t + 1) * self.inp];
+        match self.seed {
+            Some(s) => {
+                let (threshold, inv_keep) = (dropout_threshold(self.p), 1.0 / (1.0 - self.p));
+                dropout_piece(Some(xr), buf, t * self.inp, s, threshold, inv_keep);
+                buf
             }
-            dropout_span(x, y, at, seed, threshold, inv_keep);
-            at = end;
+            None => xr,
+        }
+    }
+}
+
+/// `z = dropout(x) a^T` without the dropped input as a buffer: each row is
+/// dropped into a scratch row and projected on the `r` rows of `a`.
+pub fn lora_down(shape: LoraDown, x: &[f32], a: &[f32], z: &mut [f32]) {
+    shape.check(x, a, z);
+    let (inp, r) = (shape.inp, shape.r);
+    let out = Shared(z.as_mut_ptr());
+    par_rows(shape.rows, inp, |range| {
+        // SAFETY: each range of rows is written by one call only.
+        let z = unsafe { out.rows(&range, r) };
+        let mut buf = vec![0f32; inp];
+        for (k, t) in range.enumerate() {
+            let row = shape.row(x, t, &mut buf);
+            for j in 0..r {
+                z[k * r + j] = dot(row, &a[j * inp..(j + 1) * inp]);
+            }
         }
     });
+}
+
+/// The backward of [`lora_down`] from `dz` (`rows x r`): returns
+/// `dA = dz^T dropout(x)` (`r x inp`) and adds `dropout(dz a)` (the input's
+/// gradient, with the same mask) into `dx` when given.
+pub fn lora_down_backward(
+    shape: LoraDown,
+    x: &[f32],
+    a: &[f32],
+    dz: &[f32],
+    dx: Option<&mut [f32]>,
+) -> Vec<f32> {
+    shape.check(x, a, dz);
+    let (inp, r) = (shape.inp, shape.r);
+    // Each piece's partial dA, summed in row order at the end so the result
+    // does not depend on which thread ran which piece.
+    let parts = std::sync::Mutex::new(Vec::<(usize, Vec<f32>)>::new());
+    let dx = dx.map(|d| {
+        assert_eq!(d.len(), x.len(), "lora_down_backward: dx shape");
+        Shared(d.as_mut_ptr())
+    });
+    let (threshold, inv_keep) = (dropout_threshold(shape.p), 1.0 / (1.0 - shape.p));
+    par_rows(shape.rows, inp * 2, |range| {
+        let mut local = vec![0f32; r * inp];
+        let (mut buf, mut tmp) = (vec![0f32; inp], vec![0f32; inp]);
+        for t in range.clone() {
+            let g = &dz[t * r..(t + 1) * r];
+            let row = shape.row(x, t, &mut buf);
+            for j in 0..r {
+                axpy(g[j], row, &mut local[j * inp..(j + 1) * inp]);
+            }
+            if let Some(dx) = &dx {
+                tmp.fill(0.0);
+                for j in 0..r {
+                    axpy(g[j], &a[j * inp..(j + 1) * inp], &mut tmp);
+                }
+                if let Some(s) = shape.seed {
+                    dropout_piece(None, &mut tmp, t * inp, s, threshold, inv_keep);
+                }
+                // SAFETY: row t belongs to this call's range only.
+                let d = unsafe { dx.span(t * inp, inp) };
+                for (o, &v) in d.iter_mut().zip(&tmp) {
+                    *o += v;
+                }
+            }
+        }
+        parts
+            .lock()
+            .expect("lora_down_backward: poisoned")
+            .push((range.start, local));
+    });
+    let mut parts = parts.into_inner().expect("lora_down_backward: poisoned");
+    parts.sort_by_key(|(start, _)| *start);
+    let mut da = vec![0f32; r * inp];
+    for (_, part) in &parts {
+        for (o, v) in da.iter_mut().zip(part) {
+            *o += v;
+        }
+    }
+    da
 }
 
 /// `log(sum(exp(x)))` of each row of `cols` values.
@@ -871,6 +1001,64 @@ mod tests {
                 same < n - n / 50,
                 "p = {p}: seeds 77 and 78 agree on {same} of {n}"
             );
+        }
+    }
+
+    /// The LoRA down-projection kernels equal the plain formulas with the
+    /// mask of [`dropout_keeps`], on a size that splits over the pool.
+    #[test]
+    fn lora_down_and_its_backward_match_the_formulas() {
+        let (rows, inp, r) = (400, 96, 3);
+        let x = crate::testutil::uniform_values(rows * inp, 5);
+        let a = crate::testutil::uniform_values(r * inp, 6);
+        let dz = crate::testutil::uniform_values(rows * r, 7);
+        for seed in [None, Some(1234u32)] {
+            let p = 0.25f32;
+            let t = dropout_threshold(p);
+            let m = |i: usize| match seed {
+                Some(s) if !dropout_keeps(s, i, t) => 0.0,
+                Some(_) => 1.0 / (1.0 - p),
+                None => 1.0,
+            };
+            let shape = LoraDown {
+                rows,
+                inp,
+                r,
+                seed,
+                p,
+            };
+            let mut z = vec![0f32; rows * r];
+            lora_down(shape, &x, &a, &mut z);
+            let mut dx = vec![0.5f32; rows * inp];
+            let da = lora_down_backward(shape, &x, &a, &dz, Some(&mut dx));
+            for q in 0..rows {
+                for j in 0..r {
+                    let want: f32 = (0..inp)
+                        .map(|i| x[q * inp + i] * m(q * inp + i) * a[j * inp + i])
+                        .sum();
+                    assert!((z[q * r + j] - want).abs() < 1e-4, "{seed:?} z[{q},{j}]");
+                }
+                for i in 0..inp {
+                    let want: f32 = 0.5
+                        + m(q * inp + i)
+                            * (0..r).map(|j| dz[q * r + j] * a[j * inp + i]).sum::<f32>();
+                    assert!(
+                        (dx[q * inp + i] - want).abs() < 1e-4,
+                        "{seed:?} dx[{q},{i}]"
+                    );
+                }
+            }
+            for j in 0..r {
+                for i in 0..inp {
+                    let want: f32 = (0..rows)
+                        .map(|q| dz[q * r + j] * x[q * inp + i] * m(q * inp + i))
+                        .sum();
+                    assert!(
+                        (da[j * inp + i] - want).abs() < 1e-3,
+                        "{seed:?} dA[{j},{i}]"
+                    );
+                }
+            }
         }
     }
 

@@ -12,9 +12,11 @@ use std::sync::Arc;
 use candle_core::{Module, Result, Tensor};
 
 /// The rest of an adapter's hand-written backward pass, returned by
-/// [`HandGrad::forward_train`]: given `dL/d(delta)` it records the
-/// adapter's own parameter gradients and returns `dL/dx` through the adapter.
-pub type AdapterBackward = Box<dyn FnOnce(&Tensor) -> Result<Tensor> + Send>;
+/// [`HandGrad::forward_train`]: given `dL/d(delta)` and the input's
+/// gradient so far, it records the adapter's own parameter gradients and
+/// returns the input's gradient plus its own part (summed in place where
+/// it can: the caller passes a tensor it does not share).
+pub type AdapterBackward = Box<dyn FnOnce(&Tensor, Tensor) -> Result<Tensor> + Send>;
 
 /// An adapter's term in the training fast path's forward.
 pub enum AdapterTerm {
@@ -392,7 +394,7 @@ impl LoraLinear {
             None => crate::ops::linear_product(g, &self.weight, false)?,
         };
         match adapter {
-            Some(bwd) => crate::ops::add_into(dx, &bwd(g)?),
+            Some(bwd) => bwd(g, dx),
             None => Ok(dx),
         }
     }

@@ -267,6 +267,149 @@ pub fn add_into(dst: Tensor, src: &Tensor) -> Result<Tensor> {
     Ok(dst)
 }
 
+/// A LoRA's down-projection with dropout on its input,
+/// `z = dropout(x) a^T` ([`dropout`]'s mask for `seed`, drop probability
+/// `p`; `seed: None` for none). On the CPU in f32 one pass
+/// ([`kernels::lora_down`]) that never holds the dropped input.
+///
+/// # Shapes
+/// * `xs`: `(.., inp)`, `a`: `(r, inp)`; returns `(.., r)`.
+pub fn lora_down(xs: &Tensor, a: &Tensor, seed: Option<u32>, p: f32) -> Result<Tensor> {
+    if !cpu_f32(&[xs, a]) {
+        let xd = match seed {
+            Some(s) => dropout(xs, s, p)?,
+            None => xs.clone(),
+        };
+        return linear_product(&xd, a, true);
+    }
+    let (r, inp) = a.dims2()?;
+    let rows = xs.elem_count() / inp.max(1);
+    let shape = kernels::LoraDown {
+        rows,
+        inp,
+        r,
+        seed,
+        p,
+    };
+    let mut dims = xs.dims().to_vec();
+    *dims.last_mut().expect("rank >= 1") = r;
+    let z = with_cpu_f32(xs, |x| {
+        with_cpu_f32(a, |av| {
+            let mut z = vec![0f32; rows * r];
+            kernels::lora_down(shape, x, av, &mut z);
+            z
+        })
+    })??;
+    Tensor::from_vec(z, dims, &Device::Cpu)
+}
+
+/// The backward of [`lora_down`] from `dz`: `dA = dz^T dropout(x)`, and
+/// `dx + dropout(dz a)` when `dx` (the input's gradient so far) is given,
+/// summed into `dx`'s own buffer on the CPU (the caller must not share it).
+pub fn lora_down_backward(
+    xs: &Tensor,
+    a: &Tensor,
+    dz: &Tensor,
+    seed: Option<u32>,
+    p: f32,
+    dx: Option<Tensor>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (r, inp) = a.dims2()?;
+    let rows = xs.elem_count() / inp.max(1);
+    let dz = dz.reshape((rows, r))?;
+    let cpu = cpu_f32(&[xs, a, &dz])
+        && dx
+            .as_ref()
+            .is_none_or(|d| cpu_f32(&[d]) && d.is_contiguous());
+    if !cpu {
+        let xd = match seed {
+            Some(s) => dropout(&xs.reshape((rows, inp))?, s, p)?,
+            None => xs.reshape((rows, inp))?,
+        };
+        let da = dz.t()?.matmul(&xd)?;
+        let dx = match dx {
+            Some(acc) => {
+                let part = dz.matmul(a)?;
+                let part = match seed {
+                    Some(s) => dropout(&part, s, p)?,
+                    None => part,
+                };
+                Some((acc + part.reshape(xs.shape())?)?)
+            }
+            None => None,
+        };
+        return Ok((da, dx));
+    }
+    let op = LoraDownBackward {
+        shape: kernels::LoraDown {
+            rows,
+            inp,
+            r,
+            seed,
+            p,
+        },
+        a: a.flatten_all()?.to_vec1::<f32>()?,
+        da: std::sync::Mutex::new(None),
+    };
+    let (xs, dz) = (xs.contiguous()?, dz.contiguous()?);
+    let da = match &dx {
+        Some(d) => {
+            d.inplace_op3(&xs, &dz, &op)?;
+            op.da
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("lora-down-backward: poisoned".into()))?
+                .take()
+                .ok_or_else(|| candle_core::Error::Msg("lora-down-backward: no dA".into()))?
+        }
+        None => with_cpu_f32(&xs, |x| {
+            with_cpu_f32(&dz, |g| {
+                kernels::lora_down_backward(op.shape, x, &op.a, g, None)
+            })
+        })??,
+    };
+    Ok((Tensor::from_vec(da, (r, inp), &Device::Cpu)?, dx))
+}
+
+/// [`lora_down_backward`] summing into the input gradient in place.
+struct LoraDownBackward {
+    shape: kernels::LoraDown,
+    a: Vec<f32>,
+    da: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl candle_core::InplaceOp3 for LoraDownBackward {
+    fn name(&self) -> &'static str {
+        "lora-down-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dx: &mut candle_core::CpuStorage,
+        dl: &candle_core::Layout,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        dz: &candle_core::CpuStorage,
+        zl: &candle_core::Layout,
+    ) -> Result<()> {
+        let (x, g) = (storage_f32(xs, xl)?, storage_f32(dz, zl)?);
+        let dx = cpu_f32_slice_mut(dx, dl)?;
+        if dx.len() != x.len() {
+            candle_core::bail!(
+                "lora-down-backward: dx has {} values, x {}",
+                dx.len(),
+                x.len()
+            );
+        }
+        let da = kernels::lora_down_backward(self.shape, x, &self.a, g, Some(dx));
+        *self
+            .da
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("lora-down-backward: poisoned".into()))? =
+            Some(da);
+        Ok(())
+    }
+}
+
 /// The values of a contiguous f32 CPU storage, mutable.
 fn cpu_f32_slice_mut<'a>(
     s: &'a mut candle_core::CpuStorage,

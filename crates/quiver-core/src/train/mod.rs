@@ -130,8 +130,11 @@ struct TrainableLora {
     grads: GradSlot,
 }
 
-/// `(dL/dx when asked for, dL/dA, dL/dB)` from `dL/dy`.
+/// `(dL/dx plus the gradient passed in, dL/dA, dL/dB)` from `dL/dy`.
 type LoraGrads = candle_core::Result<(Option<Tensor>, Tensor, Tensor)>;
+
+/// [`TrainableLora::forward_parts`]'s backward.
+type LoraBackward = Box<dyn Fn(&Tensor, Option<Tensor>) -> LoraGrads + Send + Sync>;
 
 impl TrainableLora {
     /// The seed of this call's dropout mask ([`ops::dropout`]), or `None`
@@ -146,45 +149,29 @@ impl TrainableLora {
     }
 
     /// `z = A dropout(x)` for a detached `x` (the term is `scale * B z`),
-    /// and the backward of the term. The
-    /// backward keeps `x` (alive anyway) and the rank-r projection, and
-    /// recomputes the dropout mask from its seed, where a composition of
-    /// candle ops would keep the mask, the dropped input and two
-    /// full-width products for every adapted layer.
-    fn forward_parts(
-        &self,
-        x: &Tensor,
-        need_dx: bool,
-    ) -> candle_core::Result<(
-        Tensor,
-        impl Fn(&Tensor) -> LoraGrads + Send + Sync + 'static,
-    )> {
+    /// and the backward of the term, which sums the input's gradient into
+    /// the one it is given (`None`: no input gradient wanted). The backward
+    /// keeps `x` (alive anyway) and the rank-r projection, and recomputes
+    /// the dropout mask from its seed ([`ops::lora_down`]), where a
+    /// composition of candle ops would keep the mask, the dropped input and
+    /// two full-width products for every adapted layer.
+    fn forward_parts(&self, x: &Tensor) -> candle_core::Result<(Tensor, LoraBackward)> {
         let (seed, p, scale) = (self.draw_seed(), self.dropout, self.scale);
-        let dropped = move |t: &Tensor| match seed {
-            Some(s) => ops::dropout(t, s, p),
-            None => Ok(t.clone()),
-        };
         let (a, b) = (self.a.as_tensor().detach(), self.b.as_tensor().detach());
-        let z = ops::linear_product(&dropped(x)?, &a, true)?;
+        let z = ops::lora_down(x, &a, seed, p)?;
         let x = x.clone();
         let z_out = z.clone();
-        let bwd = move |g: &Tensor| -> LoraGrads {
-            let (r, inp) = a.dims2()?;
+        let bwd = Box::new(move |g: &Tensor, dx: Option<Tensor>| -> LoraGrads {
+            let r = a.dims2()?.0;
             let out = b.dims()[0];
             let rows = g.elem_count() / out;
             let g2 = g.reshape((rows, out))?;
-            let z2 = z.reshape((rows, r))?;
-            // dB = s g^T z, dz = s g B, dA = dz^T xd, dx = dropout(dz A)
-            let db = (g2.t()?.matmul(&z2)? * scale)?;
+            // dB = s g^T z, dz = s g B, then dA and dx from dz.
+            let db = (g2.t()?.matmul(&z.reshape((rows, r))?)? * scale)?;
             let dz = (g2.matmul(&b)? * scale)?;
-            let da = dz.t()?.matmul(&dropped(&x.reshape((rows, inp))?)?)?;
-            let dx = if need_dx {
-                Some(dropped(&dz.matmul(&a)?)?.reshape(x.shape())?)
-            } else {
-                None
-            };
+            let (da, dx) = ops::lora_down_backward(&x, &a, &dz, seed, p, dx)?;
             Ok((dx, da, db))
-        };
+        });
         Ok((z_out, bwd))
     }
 }
@@ -193,10 +180,17 @@ impl LinearAdapter for TrainableLora {
     /// One graph node with the hand-written backward of
     /// [`TrainableLora::forward_parts`].
     fn delta(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let (z, bwd) = self.forward_parts(&xs.detach(), xs.track_op())?;
+        let (z, bwd) = self.forward_parts(&xs.detach())?;
         let ys = (matmul_t(&z, &self.b.as_tensor().detach())? * self.scale)?;
+        let need_dx = xs.track_op();
+        let shape = xs.shape().clone();
         crate::ops::attach_grad3((xs, self.a.as_tensor(), self.b.as_tensor()), ys, move |g| {
-            let (dx, da, db) = bwd(g)?;
+            let acc = if need_dx {
+                Some(Tensor::zeros(&shape, g.dtype(), g.device())?)
+            } else {
+                None
+            };
+            let (dx, da, db) = bwd(g, acc)?;
             Ok((dx, Some(da), Some(db)))
         })
     }
@@ -209,7 +203,7 @@ impl LinearAdapter for TrainableLora {
 impl HandGrad for TrainableLora {
     /// The backward adds `dA`, `dB` to the adapter's gradient slot.
     fn forward_train(&self, xs: &Tensor) -> candle_core::Result<(AdapterTerm, AdapterBackward)> {
-        let (z, bwd) = self.forward_parts(xs, true)?;
+        let (z, bwd) = self.forward_parts(xs)?;
         let term = AdapterTerm::LowRank {
             z,
             b: self.b.as_tensor().detach(),
@@ -218,8 +212,8 @@ impl HandGrad for TrainableLora {
         let slot = self.grads.clone();
         Ok((
             term,
-            Box::new(move |g: &Tensor| {
-                let (dx, da, db) = bwd(g)?;
+            Box::new(move |g: &Tensor, dx: Tensor| {
+                let (dx, da, db) = bwd(g, Some(dx))?;
                 let mut s = slot
                     .lock()
                     .map_err(|_| candle_core::Error::Msg("LoRA gradient slot poisoned".into()))?;
