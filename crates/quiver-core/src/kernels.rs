@@ -278,21 +278,33 @@ pub fn dropout_threshold(p: f32) -> u32 {
     (p.clamp(0.0, 1.0) as f64 * u32::MAX as f64) as u32
 }
 
-/// One piece of [`dropout`]: `y[k] = src(k) * keep(first + k) / (1 - p)`.
-/// Branch-free over plain `u32` arithmetic, so the compiler vectorises it.
-#[inline(always)]
-fn dropout_span(
-    x: Option<&[f32]>,
-    y: &mut [f32],
-    first: usize,
+/// A dropout mask: the seed of [`dropout_keeps`], its threshold and the
+/// scale of kept values.
+#[derive(Clone, Copy)]
+struct Mask {
     seed: u32,
     threshold: u32,
     inv_keep: f32,
-) {
-    let (base, seed) = (first as u32, dropout_seed(seed, first));
+}
+
+impl Mask {
+    fn new(seed: u32, p: f32) -> Self {
+        Self {
+            seed,
+            threshold: dropout_threshold(p),
+            inv_keep: 1.0 / (1.0 - p),
+        }
+    }
+}
+
+/// One piece of [`dropout`]: `y[k] = src(k) * keep(first + k) / (1 - p)`.
+/// Branch-free over plain `u32` arithmetic, so the compiler vectorises it.
+#[inline(always)]
+fn dropout_span(x: Option<&[f32]>, y: &mut [f32], first: usize, m: Mask) {
+    let (base, seed) = (first as u32, dropout_seed(m.seed, first));
     let scale = |k: usize| {
-        if keeps(base.wrapping_add(k as u32), seed, threshold) {
-            inv_keep
+        if keeps(base.wrapping_add(k as u32), seed, m.threshold) {
+            m.inv_keep
         } else {
             0.0
         }
@@ -313,15 +325,8 @@ fn dropout_span(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn dropout_span_avx2(
-    x: Option<&[f32]>,
-    y: &mut [f32],
-    first: usize,
-    seed: u32,
-    threshold: u32,
-    inv_keep: f32,
-) {
-    dropout_span(x, y, first, seed, threshold, inv_keep)
+fn dropout_span_avx2(x: Option<&[f32]>, y: &mut [f32], first: usize, m: Mask) {
+    dropout_span(x, y, first, m)
 }
 
 /// Inverted dropout, `y = x * keep / (1 - p)` with the mask of
@@ -331,28 +336,20 @@ pub fn dropout(x: Option<&[f32]>, y: &mut [f32], seed: u32, p: f32) {
         assert_eq!(x.len(), y.len(), "dropout: lengths");
     }
     let n = y.len();
-    let threshold = dropout_threshold(p);
-    let inv_keep = 1.0 / (1.0 - p);
+    let mask = Mask::new(seed, p);
     let out = Shared(y.as_mut_ptr());
     par_rows(n.div_ceil(FLAT_ROW), FLAT_ROW, |rows| {
         let (lo, hi) = (rows.start * FLAT_ROW, (rows.end * FLAT_ROW).min(n));
         // SAFETY: lo..hi is this call's own part of `y`.
         let y = unsafe { out.span(lo, hi - lo) };
-        dropout_piece(x.map(|x| &x[lo..hi]), y, lo, seed, threshold, inv_keep);
+        dropout_piece(x.map(|x| &x[lo..hi]), y, lo, mask);
     });
 }
 
 /// [`dropout`] of the elements `first..first + y.len()` of a tensor, on
 /// the calling thread: split where the index crosses a multiple of 2^32
 /// (where the seed's mix changes).
-fn dropout_piece(
-    x: Option<&[f32]>,
-    y: &mut [f32],
-    first: usize,
-    seed: u32,
-    threshold: u32,
-    inv_keep: f32,
-) {
+fn dropout_piece(x: Option<&[f32]>, y: &mut [f32], first: usize, m: Mask) {
     let mut at = 0;
     while at < y.len() {
         let i = first + at;
@@ -361,11 +358,11 @@ fn dropout_piece(
         #[cfg(target_arch = "x86_64")]
         if avx2() {
             // SAFETY: the CPU has AVX2 (checked just above).
-            unsafe { dropout_span_avx2(xs, ys, i, seed, threshold, inv_keep) };
+            unsafe { dropout_span_avx2(xs, ys, i, m) };
             at += len;
             continue;
         }
-        dropout_span(xs, ys, i, seed, threshold, inv_keep);
+        dropout_span(xs, ys, i, m);
         at += len;
     }
 }
@@ -399,8 +396,7 @@ impl LoraDown {
         let xr = &x[t * self.inp..(t + 1) * self.inp];
         match self.seed {
             Some(s) => {
-                let (threshold, inv_keep) = (dropout_threshold(self.p), 1.0 / (1.0 - self.p));
-                dropout_piece(Some(xr), buf, t * self.inp, s, threshold, inv_keep);
+                dropout_piece(Some(xr), buf, t * self.inp, Mask::new(s, self.p));
                 buf
             }
             None => xr,
@@ -446,7 +442,7 @@ pub fn lora_down_backward(
         assert_eq!(d.len(), x.len(), "lora_down_backward: dx shape");
         Shared(d.as_mut_ptr())
     });
-    let (threshold, inv_keep) = (dropout_threshold(shape.p), 1.0 / (1.0 - shape.p));
+    let mask = shape.seed.map(|s| Mask::new(s, shape.p));
     par_rows(shape.rows, inp * 2, |range| {
         let mut local = vec![0f32; r * inp];
         let (mut buf, mut tmp) = (vec![0f32; inp], vec![0f32; inp]);
@@ -461,8 +457,8 @@ pub fn lora_down_backward(
                 for j in 0..r {
                     axpy(g[j], &a[j * inp..(j + 1) * inp], &mut tmp);
                 }
-                if let Some(s) = shape.seed {
-                    dropout_piece(None, &mut tmp, t * inp, s, threshold, inv_keep);
+                if let Some(m) = mask {
+                    dropout_piece(None, &mut tmp, t * inp, m);
                 }
                 // SAFETY: row t belongs to this call's range only.
                 let d = unsafe { dx.span(t * inp, inp) };
