@@ -60,8 +60,28 @@ impl Shared {
 }
 
 /// Calls `f` on ranges of rows covering `0..n_rows`, in parallel when the
-/// work is large.
+/// work is large: on rayon's pool, the one the matrix products run on
+/// (candle's elementwise ops use a second pool, whose idle workers spin
+/// and take cores from the products that run right after a kernel).
 fn par_rows(n_rows: usize, cols: usize, f: impl Fn(Range<usize>) + Sync) {
+    use rayon::prelude::*;
+    let threads = rayon::current_num_threads();
+    if n_rows < 2 || n_rows * cols < PAR_MIN_ELEMS || threads < 2 {
+        f(0..n_rows);
+        return;
+    }
+    // A few pieces per thread evens out the tail.
+    let per = n_rows.div_ceil(threads * 4).max(1);
+    (0..n_rows.div_ceil(per))
+        .into_par_iter()
+        .for_each(|c| f(c * per..((c + 1) * per).min(n_rows)));
+}
+
+/// [`par_rows`] on candle's spinning pool, for the per-token work of
+/// decoding (one-query attention, quantized matrix-vector products):
+/// hundreds of short calls per token, where waking rayon's sleeping
+/// workers would cost more than the work.
+fn par_rows_decode(n_rows: usize, cols: usize, f: impl Fn(Range<usize>) + Sync) {
     if n_rows < 2 || n_rows * cols < PAR_MIN_ELEMS {
         f(0..n_rows);
         return;
@@ -177,7 +197,7 @@ pub fn attend_one_query(
     );
     let rep = heads / kv_heads;
     let dst = Shared(out.as_mut_ptr());
-    par_rows(heads, 2 * len * hd, |range| {
+    par_rows_decode(heads, 2 * len * hd, |range| {
         let (mut s, mut p) = (vec![0f32; len], vec![0f32; len]);
         for h in range {
             let g = h / rep;
@@ -1095,9 +1115,9 @@ mod tests {
 /// unsigned nibbles go straight into `maddubs` against the signed
 /// activations, the minimum's share is one product per block with the
 /// activations' f32 block sum, four weight rows share every activation
-/// load, and the rows are split over candle's thread pool.
+/// load, and the rows are split over candle's (spinning) thread pool.
 pub mod q4 {
-    use super::{avx2, par_rows, Shared};
+    use super::{avx2, par_rows_decode, Shared};
 
     /// Nearest integer, ties to even, by the 1.5 * 2^23 trick: exact for
     /// |v| <= 2^22 and without a libm call per value.
@@ -1273,7 +1293,7 @@ pub mod q4 {
         );
         let xq: Vec<Q8Row> = x.chunks_exact(cols).map(quantize_row).collect();
         let out = Shared(y.as_mut_ptr());
-        par_rows(rows.div_ceil(4), gb, |range| {
+        par_rows_decode(rows.div_ceil(4), gb, |range| {
             let (r0, r1) = (range.start * 4, (range.end * 4).min(rows));
             for (t, xr) in xq.iter().enumerate() {
                 // SAFETY: token t's outputs r0..r1 belong to this call.
