@@ -210,6 +210,28 @@ impl Attention {
         })
     }
 
+    /// The projections `(b_sz, seq_len, heads * head_dim)` split into heads,
+    /// `(b_sz, heads, seq_len, head_dim)`, with RoPE on the queries and keys
+    /// and the values contiguous.
+    fn heads(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b_sz, seq_len, _) = q.dims3()?;
+        let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
+        let q = q.reshape((b_sz, seq_len, nh, hd))?.transpose(1, 2)?;
+        let k = k.reshape((b_sz, seq_len, nkv, hd))?.transpose(1, 2)?;
+        let v = v
+            .reshape((b_sz, seq_len, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        Ok((ops::rope(&q, cos, sin)?, ops::rope(&k, cos, sin)?, v))
+    }
+
     /// # Shapes
     /// * `xs`: `(b_sz, seq_len, hidden)`; `cos`, `sin`: `(seq_len, head_dim / 2)`.
     ///
@@ -223,17 +245,13 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b_sz, seq_len, _) = xs.dims3()?;
         let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
-        let q = self.q_proj.forward(xs)?;
-        let k = self.k_proj.forward(xs)?;
-        let v = self.v_proj.forward(xs)?;
-        let q = q.reshape((b_sz, seq_len, nh, hd))?.transpose(1, 2)?;
-        let k = k.reshape((b_sz, seq_len, nkv, hd))?.transpose(1, 2)?;
-        let v = v
-            .reshape((b_sz, seq_len, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let q = ops::rope(&q, cos, sin)?;
-        let k = ops::rope(&k, cos, sin)?;
+        let (q, k, v) = self.heads(
+            &self.q_proj.forward(xs)?,
+            &self.k_proj.forward(xs)?,
+            &self.v_proj.forward(xs)?,
+            cos,
+            sin,
+        )?;
         let scale = 1.0 / (hd as f64).sqrt();
         let (k, v) = match cache {
             None => (k, v),
@@ -361,16 +379,9 @@ impl Block {
         let (q, bq) = a.q_proj.forward_train(&h1)?;
         let (k, bk) = a.k_proj.forward_train(&h1)?;
         let (v, bv) = a.v_proj.forward_train(&h1)?;
-        let q = q.reshape((b_sz, seq_len, nh, hd))?.transpose(1, 2)?;
-        let k = k.reshape((b_sz, seq_len, nkv, hd))?.transpose(1, 2)?;
-        let v = v
-            .reshape((b_sz, seq_len, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let q = ops::rope(&q, cos, sin)?
-            .contiguous()?
-            .reshape((b_sz, nkv, rep * seq_len, hd))?;
-        let k = ops::rope(&k, cos, sin)?.contiguous()?;
+        let (q, k, v) = a.heads(&q, &k, &v, cos, sin)?;
+        let q = q.contiguous()?.reshape((b_sz, nkv, rep * seq_len, hd))?;
+        let k = k.contiguous()?;
         let scale = 1.0 / (hd as f64).sqrt();
         let att = q.matmul(&k.t()?)?.reshape((b_sz, nh, seq_len, seq_len))?;
         let p = ops::causal_softmax(&att, scale)?.reshape((b_sz, nkv, rep * seq_len, seq_len))?;
