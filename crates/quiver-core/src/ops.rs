@@ -30,11 +30,7 @@ pub(crate) fn cpu_f32_slice<'a>(
     let candle_core::Storage::Cpu(c) = storage else {
         candle_core::bail!("a CPU kernel got a tensor on another device");
     };
-    let data = c.as_slice::<f32>()?;
-    let (lo, hi) = layout.contiguous_offsets().ok_or_else(|| {
-        candle_core::Error::Msg("a CPU kernel got a non-contiguous tensor".into())
-    })?;
-    Ok(&data[lo..hi])
+    storage_f32(c, layout)
 }
 
 /// Calls `f` with the values of an f32 CPU tensor, row-major.
@@ -424,9 +420,10 @@ fn cpu_f32_slice_mut<'a>(
     }
 }
 
+/// The values of a contiguous f32 CPU storage.
 fn storage_f32<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> Result<&'a [f32]> {
     let (lo, hi) = l.contiguous_offsets().ok_or_else(|| {
-        candle_core::Error::Msg("an in-place kernel got a non-contiguous tensor".into())
+        candle_core::Error::Msg("a CPU kernel got a non-contiguous tensor".into())
     })?;
     Ok(&s.as_slice::<f32>()?[lo..hi])
 }

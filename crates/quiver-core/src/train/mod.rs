@@ -326,11 +326,7 @@ fn batch_nll_sum(model: &Llama, batch: &Batch) -> Result<Tensor> {
 /// One micro-batch through the model's hand-written training pass: the
 /// summed target-token loss; the gradients of `loss * norm` are left in
 /// the adapters' slots.
-fn hand_pass(
-    model: &Llama,
-    batch: &Batch,
-    norm: f64,
-) -> Result<(f64, Option<candle_core::backprop::GradStore>)> {
+fn hand_pass(model: &Llama, batch: &Batch, norm: f64) -> Result<f64> {
     let (hidden, tape) = model.forward_train(&batch.ids)?;
     let (b, s, h) = hidden.dims3()?;
     let picked = hidden
@@ -348,7 +344,7 @@ fn hand_pass(
         .index_add(&batch.positions, &d_picked, 0)?
         .reshape((b, s, h))?;
     model.backward_train(tape, &d_hidden)?;
-    Ok((nll, None))
+    Ok(nll)
 }
 
 /// Mean target-token loss over `data` (no dropout, no gradient).
@@ -529,7 +525,7 @@ impl LoraTrainer {
                 slot.lock().expect("gradient slot").take();
             }
             let pass = if hand {
-                hand_pass(model, batch, norm)
+                hand_pass(model, batch, norm).map(|loss| (loss, None))
             } else {
                 batch_nll_sum(model, batch).and_then(|nll| {
                     let loss = nll.to_scalar::<f32>()? as f64;
@@ -539,20 +535,17 @@ impl LoraTrainer {
             self.dropout.lock().expect("dropout state").training = false;
             let (loss, store) = pass?;
             loss_sum += loss;
-            match store {
-                Some(g) => {
-                    for (i, v) in self.vars.iter().enumerate() {
-                        if let Some(gi) = g.get(v.as_tensor()) {
-                            add(i, gi.clone())?;
-                        }
+            if let Some(g) = store {
+                for (i, v) in self.vars.iter().enumerate() {
+                    if let Some(gi) = g.get(v.as_tensor()) {
+                        add(i, gi.clone())?;
                     }
                 }
-                None => {
-                    for (m, slot) in self.slots.iter().enumerate() {
-                        if let Some((da, db)) = slot.lock().expect("gradient slot").take() {
-                            add(2 * m, da)?;
-                            add(2 * m + 1, db)?;
-                        }
+            } else {
+                for (m, slot) in self.slots.iter().enumerate() {
+                    if let Some((da, db)) = slot.lock().expect("gradient slot").take() {
+                        add(2 * m, da)?;
+                        add(2 * m + 1, db)?;
                     }
                 }
             }
