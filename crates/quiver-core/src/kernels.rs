@@ -1609,7 +1609,7 @@ pub mod q4 {
                     let at = base.add(nb / 2 * PAIR_BYTES);
                     let xv = _mm256_loadu_si256(x.q.as_ptr().add(b * BLOCK) as *const __m256i);
                     let dx = x.d[b];
-                    for i in 0..4 {
+                    for (i, tail) in tail.iter_mut().enumerate() {
                         let bytes = _mm_loadu_si128(at.add(i * 16) as *const __m128i);
                         let lo = _mm_and_si128(bytes, low128);
                         let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), low128);
@@ -1622,7 +1622,7 @@ pub mod q4 {
                         let mut t = [0i32; 8];
                         _mm256_storeu_si256(t.as_mut_ptr() as *mut __m256i, p);
                         let sum: i32 = t.iter().sum();
-                        tail[i] = f16(64 + i * 2) * dx * sum as f32 + f16(72 + i * 2) * x.sum[b];
+                        *tail = f16(64 + i * 2) * dx * sum as f32 + f16(72 + i * 2) * x.sum[b];
                     }
                 }
             }
