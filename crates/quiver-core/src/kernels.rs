@@ -89,6 +89,30 @@ fn par_rows_decode(n_rows: usize, cols: usize, f: impl Fn(Range<usize>) + Sync) 
     candle_core::utils::barrier_pool().execute_chunked(n_rows, f);
 }
 
+/// Hints the cache lines of the `len` bytes at `at` into L1, for loops
+/// whose next reads the hardware prefetcher cannot guess (a new row, a
+/// jump between streams). A hint: an address past the data is harmless
+/// (no fault, no read), so callers may look ahead past their slices.
+#[inline(always)]
+pub(crate) fn prefetch(at: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut off = 0;
+        while off < len {
+            // SAFETY: SSE is part of x86-64; prefetching never faults and
+            // the pointer is not dereferenced.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    at.wrapping_add(off) as *const i8,
+                )
+            };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (at, len);
+}
+
 /// Splits a flat elementwise job into rows of this length for [`par_rows`].
 const FLAT_ROW: usize = 1024;
 
@@ -1472,6 +1496,7 @@ pub mod q4 {
     #[cfg(target_arch = "x86_64")]
     pub(super) mod simd {
         use super::{Q4Matrix, Q8Row, BLOCK, PAIR_BYTES};
+        use crate::kernels::prefetch;
         use std::arch::x86_64::*;
 
         /// How far ahead of the pair being read [`dot4`] asks for the
@@ -1480,19 +1505,6 @@ pub mod q4 {
         /// benchmark went from 94-100 to 108-119 tokens/s on the 2-core
         /// development VM (4 and 16 pairs ahead: less).
         pub(in crate::kernels) const PREFETCH_PAIRS: usize = 8;
-
-        /// Hints the cache lines of `len` bytes at `at` into L1. A hint:
-        /// an address past the matrix is harmless (no fault, no read).
-        #[inline(always)]
-        pub(in crate::kernels) fn prefetch(at: *const u8, len: usize) {
-            let mut off = 0;
-            while off < len {
-                // SAFETY: prefetching never faults; the pointer is not
-                // dereferenced.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(off) as *const i8) };
-                off += 64;
-            }
-        }
 
         /// [`super::quantize_blocks`] on 32 values at a time: the same
         /// maximum, step and rounding (to nearest, ties to even), so the
@@ -1894,7 +1906,8 @@ pub mod q8 {
     #[cfg(target_arch = "x86_64")]
     mod simd {
         use super::{Q8Matrix, Q8Row, BLOCK, BLOCK_BYTES};
-        use crate::kernels::q4::simd::{prefetch, PREFETCH_PAIRS};
+        use crate::kernels::prefetch;
+        use crate::kernels::q4::simd::PREFETCH_PAIRS;
         use std::arch::x86_64::*;
 
         /// The Q4_1 kernel's prefetch distance in bytes (whole blocks).
