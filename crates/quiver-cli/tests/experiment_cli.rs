@@ -334,3 +334,77 @@ fn real_model_beats_chance_on_arc_easy() {
     let (_, second, _) = run(quiver().args(args));
     assert_eq!(first, second);
 }
+
+/// Killing `quiver experiment` (SIGTERM to its process alone, as a job
+/// scheduler or `kill PID` does) ends the step it is running too, instead
+/// of leaving it writing into the output directory.
+#[cfg(target_os = "linux")]
+#[test]
+fn killing_the_experiment_ends_its_running_step() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let (train, eval) = write_data(dir.path());
+    let cfg = write_config(dir.path(), &train, &eval, r#""plural_a", "plural_b""#);
+    // A first training step long enough to be caught running.
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("steps = 2\n", "steps = 1000000\n");
+    std::fs::write(&cfg, text).unwrap();
+    let out = dir.path().join("run");
+    let mut parent = quiver()
+        .args(["experiment", "--quiet", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ppid_of = |pid: &str| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let child = loop {
+        let found = std::fs::read_dir("/proc").unwrap().find_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            (ppid_of(&name)? == parent.id()).then_some(name)
+        });
+        if let Some(pid) = found {
+            break pid;
+        }
+        assert!(
+            parent.try_wait().unwrap().is_none(),
+            "the experiment ended before it started a step"
+        );
+        assert!(Instant::now() < deadline, "no step process appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &parent.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    parent.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::path::Path::new(&format!("/proc/{child}")).exists()
+        && std::fs::read_to_string(format!("/proc/{child}/stat"))
+            .map(|s| {
+                !s.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(false)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "step process {child} still running 20 s after its parent was killed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -388,6 +388,35 @@ fn shell_quote(s: &str) -> String {
     }
 }
 
+/// Makes a step's process end when `quiver experiment`/`demo` itself is
+/// killed (SIGTERM from a scheduler, `kill PID`): otherwise the step runs on
+/// alone and writes into the output directory the user may already be
+/// reusing. Ctrl-C already reaches both (one process group). A killed step
+/// loses nothing: its outputs are written to a temporary file and renamed.
+#[cfg(target_os = "linux")]
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    // SAFETY: between fork and exec the closure calls only prctl(2) and
+    // getppid(2), both async-signal-safe, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the call above (we were
+            // re-parented): stop now rather than run unwatched.
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        })
+    };
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_cmd: &mut Command) {}
+
 fn run_step(g: &GlobalArgs, step: &Step) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find the quiver executable")?;
     if !g.quiet {
@@ -410,6 +439,7 @@ fn run_step(g: &GlobalArgs, step: &Step) -> Result<()> {
         .open(&step.log)
         .with_context(|| format!("cannot open {}", step.log.display()))?;
     let mut cmd = Command::new(exe);
+    die_with_parent(&mut cmd);
     if g.quiet {
         cmd.arg("--quiet");
     } else if g.no_progress {
