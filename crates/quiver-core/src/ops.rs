@@ -16,7 +16,7 @@ fn tracks(ts: &[&Tensor]) -> bool {
 }
 
 /// Whether every tensor is f32 on the CPU, where [`kernels`] apply.
-fn cpu_f32(ts: &[&Tensor]) -> bool {
+pub(crate) fn cpu_f32(ts: &[&Tensor]) -> bool {
     ts.iter()
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
