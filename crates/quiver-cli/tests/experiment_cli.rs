@@ -393,14 +393,15 @@ fn killing_the_experiment_ends_its_running_step() {
     assert!(killed.success());
     parent.wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while std::path::Path::new(&format!("/proc/{child}")).exists()
-        && std::fs::read_to_string(format!("/proc/{child}/stat"))
-            .map(|s| {
-                !s.rsplit_once(')')
-                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-            })
-            .unwrap_or(false)
-    {
+    // Running: its stat is readable and its state is not Z (exited, not
+    // yet reaped).
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{child}/stat")).is_ok_and(|s| {
+            !s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+    };
+    while running() {
         assert!(
             Instant::now() < deadline,
             "step process {child} still running 20 s after its parent was killed"

@@ -93,25 +93,29 @@ fn par_rows_decode(n_rows: usize, cols: usize, f: impl Fn(Range<usize>) + Sync) 
 /// whose next reads the hardware prefetcher cannot guess (a new row, a
 /// jump between streams). A hint: an address past the data is harmless
 /// (no fault, no read), so callers may look ahead past their slices.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(crate) fn prefetch(at: *const u8, len: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let mut off = 0;
-        while off < len {
-            // SAFETY: SSE is part of x86-64; prefetching never faults and
-            // the pointer is not dereferenced.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    at.wrapping_add(off) as *const i8,
-                )
-            };
-            off += 64;
-        }
+fn prefetch(at: *const u8, len: usize) {
+    let mut off = 0;
+    while off < len {
+        // SAFETY: SSE is part of x86-64; prefetching never faults and the
+        // pointer is not dereferenced.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                at.wrapping_add(off) as *const i8,
+            )
+        };
+        off += 64;
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (at, len);
 }
+
+/// How far ahead of the block being read the quantized decoding kernels
+/// ask for their weights: 1280 bytes (8 pairs of Q4_1 blocks). Decoding
+/// streams every weight from memory once per token; with the hint the Q4_1
+/// generation benchmark went from 94-100 to 108-119 tokens/s on the 2-core
+/// development VM (640 and 2560 bytes ahead: less).
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_AHEAD: usize = 1280;
 
 /// Splits a flat elementwise job into rows of this length for [`par_rows`].
 const FLAT_ROW: usize = 1024;
@@ -1192,7 +1196,7 @@ pub mod q4 {
     }
 
     /// Bytes of one pair of blocks of one group of 4 rows.
-    pub(super) const PAIR_BYTES: usize = 4 * 32 + 2 * 16;
+    const PAIR_BYTES: usize = 4 * 32 + 2 * 16;
     /// Bytes of an odd last block of one group of 4 rows.
     const TAIL_BYTES: usize = 4 * 16 + 2 * 8;
 
@@ -1494,17 +1498,10 @@ pub mod q4 {
     }
 
     #[cfg(target_arch = "x86_64")]
-    pub(super) mod simd {
+    mod simd {
         use super::{Q4Matrix, Q8Row, BLOCK, PAIR_BYTES};
-        use crate::kernels::prefetch;
+        use crate::kernels::{prefetch, PREFETCH_AHEAD};
         use std::arch::x86_64::*;
-
-        /// How far ahead of the pair being read [`dot4`] asks for the
-        /// weights: 8 pairs (1280 bytes). Decoding streams every weight
-        /// from memory once per token; with the hint the Q4_1 generation
-        /// benchmark went from 94-100 to 108-119 tokens/s on the 2-core
-        /// development VM (4 and 16 pairs ahead: less).
-        pub(in crate::kernels) const PREFETCH_PAIRS: usize = 8;
 
         /// [`super::quantize_blocks`] on 32 values at a time: the same
         /// maximum, step and rounding (to nearest, ties to even), so the
@@ -1582,7 +1579,7 @@ pub mod q4 {
                 // asserted above).
                 unsafe {
                     let at = base.add(p * PAIR_BYTES);
-                    prefetch(at.wrapping_add(PREFETCH_PAIRS * PAIR_BYTES), PAIR_BYTES);
+                    prefetch(at.wrapping_add(PREFETCH_AHEAD), PAIR_BYTES);
                     let xlo = _mm256_loadu_si256(x.pairs.as_ptr().add(p * 64) as *const __m256i);
                     let xhi =
                         _mm256_loadu_si256(x.pairs.as_ptr().add(p * 64 + 32) as *const __m256i);
@@ -1906,13 +1903,8 @@ pub mod q8 {
     #[cfg(target_arch = "x86_64")]
     mod simd {
         use super::{Q8Matrix, Q8Row, BLOCK, BLOCK_BYTES};
-        use crate::kernels::prefetch;
-        use crate::kernels::q4::simd::PREFETCH_PAIRS;
+        use crate::kernels::{prefetch, PREFETCH_AHEAD};
         use std::arch::x86_64::*;
-
-        /// The Q4_1 kernel's prefetch distance in bytes (whole blocks).
-        const PREFETCH_BYTES: usize =
-            PREFETCH_PAIRS * super::super::q4::PAIR_BYTES / BLOCK_BYTES * BLOCK_BYTES;
 
         /// The 4 rows of group `g`, block by block: `maddubs` of |w| with
         /// x carrying w's sign (at most 2 * 127 * 127 per 16-bit lane), the 4
@@ -1936,7 +1928,7 @@ pub mod q8 {
                 // block b of the activations 32 values (asserted above).
                 unsafe {
                     let at = base.add(b * BLOCK_BYTES);
-                    prefetch(at.wrapping_add(PREFETCH_BYTES), BLOCK_BYTES);
+                    prefetch(at.wrapping_add(PREFETCH_AHEAD), BLOCK_BYTES);
                     let xv = _mm256_loadu_si256(x.q.as_ptr().add(b * BLOCK) as *const __m256i);
                     let d4 = _mm_cvtph_ps(_mm_loadl_epi64(at.add(128) as *const __m128i));
                     let d = _mm256_castps128_ps256(_mm_mul_ps(d4, _mm_set1_ps(x.d[b])));
