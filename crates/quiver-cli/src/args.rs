@@ -156,6 +156,13 @@ pub struct ConvertArgs {
     pub out: PathBuf,
 }
 
+/// How `quiver train` initialises each expert's LoRA `A`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InitScheme {
+    PerExpert,
+    Shared,
+}
+
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     #[command(flatten)]
@@ -221,9 +228,24 @@ pub struct TrainArgs {
     /// Seed of initialisation, data order and dropout.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// LoRA initialisation: `shared` (every expert starts from the same A, drawn from
+    /// --seed, so their Bs live in one basis and MBC can compare them) or `per-expert`
+    /// (each expert's A from its own seed, derived from --seed and the expert's name).
+    /// The seed used is recorded in quiver_expert.json, so `quiver cluster --embed
+    /// delta` can subtract the initialisation.
+    #[arg(long, value_enum, default_value_t = InitScheme::Shared)]
+    pub init: InitScheme,
+    /// Extra held-out tasks (comma-separated), refused as training tasks like the
+    /// paper's held-out tasks: `quiver experiment` passes its held-out siblings here.
+    #[arg(long, value_delimiter = ',')]
+    pub held_out: Vec<String>,
     /// Seed of the 80/10/10 train/validation/test split of each task.
     #[arg(long, default_value_t = 0)]
     pub split_seed: u64,
+    /// Train and validation fractions of that split, TRAIN,VALIDATION (test gets the
+    /// rest). Evaluate with the same `quiver eval --split-fractions`.
+    #[arg(long, default_value = "0.8,0.1")]
+    pub split_fractions: quiver_core::data::SplitFractions,
     /// At most this many examples per task (before the split).
     #[arg(long, default_value_t = 10_000)]
     pub cap: usize,

@@ -268,3 +268,68 @@ fn expert_round_trips_through_peft_layout() {
         .to_string();
     assert!(err.contains("trained on base model"), "{err}");
 }
+
+#[test]
+fn recorded_init_seed_recomputes_the_initial_a_and_delta_embeds_what_changed() {
+    use quiver_core::train::lora_init_a;
+    use quiver_core::transform::{flatten_delta, flatten_expert};
+    let mut lm = tiny();
+    let data = examples();
+    // lr so small that A barely moves: A - A_0 must be tiny, B is what was learned.
+    let c = TrainConfig {
+        lr: 1e-7,
+        init_seed: Some(1234),
+        ..cfg(2)
+    };
+    let (weights, report) = train_lora(
+        &mut lm.model,
+        &lm.tokenizer,
+        &data,
+        &data,
+        &c,
+        None,
+        &mut NoObserver,
+    )
+    .unwrap();
+    for (m, (a, _)) in &weights {
+        let (r, inp) = a.dims2().unwrap();
+        let a0 = lora_init_a(1234, m, r, inp);
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let moved = a
+            .iter()
+            .zip(&a0)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            moved < 1e-5,
+            "{m}: A moved {moved} from its recomputed init"
+        );
+        // Another seed gives another A.
+        assert_ne!(lora_init_a(1235, m, r, inp), a0);
+    }
+    let fp = model_fingerprint(&lm.model).unwrap();
+    let base = BaseModelId {
+        id: "tiny".into(),
+        fingerprint: fp,
+    };
+    let e = make_expert("e", vec!["swap".into()], weights, &c, &report, base.clone());
+    let raw = flatten_expert(&e).unwrap();
+    let delta = flatten_delta(&e).unwrap();
+    assert_eq!(raw.len(), delta.len());
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    // The raw vector is dominated by the initialisation; the delta is not.
+    assert!(
+        norm(&delta) < 0.01 * norm(&raw),
+        "{} vs {}",
+        norm(&delta),
+        norm(&raw)
+    );
+    // An expert without a recorded seed cannot be delta-embedded: one sentence.
+    let mut bare = e.clone();
+    bare.info = None;
+    let err = flatten_delta(&bare).unwrap_err().to_string();
+    assert!(
+        err.contains("`e`") && err.contains("--embed weights"),
+        "{err}"
+    );
+}

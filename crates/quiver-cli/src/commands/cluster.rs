@@ -12,8 +12,8 @@ use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use quiver_core::expert::Expert;
 use quiver_core::transform::{
-    cluster, library_expert_dirs, plot_similarity, ClusterConfig, ClusterMethod, ClusterQuality,
-    Clustering,
+    cluster, library_expert_dirs, plot_similarity_named, ClusterConfig, ClusterMethod,
+    ClusterQuality, Clustering, Embedding,
 };
 
 use crate::args::GlobalArgs;
@@ -66,6 +66,21 @@ pub struct ClusterArgs {
     /// k-means restarts; the one with the lowest inertia wins.
     #[arg(long, default_value_t = 10)]
     pub restarts: usize,
+    /// What MBC flattens: `delta` (what training changed: each A minus its
+    /// initialisation, recomputed from the seed in quiver_expert.json, and B) or
+    /// `weights` (A and B as they are, as mttl; the behaviour before issue 15, where a
+    /// shared initialisation makes every similarity high). Experts imported from
+    /// elsewhere record no initialisation: use `weights` for them.
+    #[arg(long, value_enum, default_value_t = EmbedArg::Delta)]
+    pub embed: EmbedArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EmbedArg {
+    /// A minus its initialisation, and B.
+    Delta,
+    /// A and B as trained.
+    Weights,
 }
 
 fn load_experts(g: &GlobalArgs, a: &ClusterArgs) -> Result<Vec<Expert>> {
@@ -119,6 +134,10 @@ pub fn run(g: &GlobalArgs, a: ClusterArgs) -> Result<ExitCode> {
         sparsity: a.sparsity,
         n_components: a.n_components,
         restarts: a.restarts,
+        embed: match a.embed {
+            EmbedArg::Delta => Embedding::Delta,
+            EmbedArg::Weights => Embedding::Weights,
+        },
     };
     cfg.validate()?;
     let experts = load_experts(g, &a)?;
@@ -172,7 +191,12 @@ pub fn run(g: &GlobalArgs, a: ClusterArgs) -> Result<ExitCode> {
     chosen.save(&a.out)?;
     let aux = chosen.store_in_library(&a.library)?;
     let scale = match (&a.plot, &s) {
-        (Some(p), Some(s)) => Some(plot_similarity(p, s, &chosen.labels())?),
+        (Some(p), Some(s)) => Some(plot_similarity_named(
+            p,
+            s,
+            &chosen.labels(),
+            &chosen.experts,
+        )?),
         _ => None,
     };
 

@@ -4,10 +4,12 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use quiver_core::data::normalize_input;
 use quiver_core::eval::{self, EvalMode, EvalOptions, EvalReport, EvalSplit};
 use quiver_core::fsutil::write_atomic;
 
@@ -34,6 +36,10 @@ pub struct EvalArgs {
     /// 80/10/10 split that `quiver train` uses, so trained tasks are evaluated on unseen items.
     #[arg(long, default_value = "validation")]
     pub split: String,
+    /// Train and validation fractions of the split of BIG-bench and JSONL tasks,
+    /// TRAIN,VALIDATION (test gets the rest); as `quiver train --split-fractions`.
+    #[arg(long, default_value = "0.8,0.1")]
+    pub split_fractions: quiver_core::data::SplitFractions,
     /// Seed of the --limit subsample.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -53,6 +59,16 @@ pub struct EvalArgs {
     /// Write every item's scores or generated answer to FILE as JSON lines.
     #[arg(long, value_name = "FILE")]
     pub predictions: Option<PathBuf>,
+    /// Leave out items whose input (whitespace collapsed, lower case) also occurs in
+    /// any example of these tasks (comma-separated, from the same data), e.g. the
+    /// training tasks, so that only inputs never seen in training are scored.
+    #[arg(long, value_delimiter = ',', value_name = "TASKS")]
+    pub exclude_inputs_of: Vec<String>,
+    /// Routed routes only (arrow, mu, phatgoose): write, per task, the mean routing
+    /// weight of every expert at every routed layer to FILE as JSON (sums over all
+    /// scored tokens, options' padding included; see RESULTS.md's routing diagnostics).
+    #[arg(long, value_name = "FILE")]
+    pub routing_summary: Option<PathBuf>,
 }
 
 fn parse_mode(s: &str) -> Result<Option<EvalMode>> {
@@ -80,9 +96,45 @@ pub fn evaluate(g: &GlobalArgs, a: &EvalArgs) -> Result<EvalReport> {
         max_new_tokens: a.max_new_tokens,
     };
     let home = quiver_core::assets::quiver_home();
-    let tasks = eval::resolve_tasks(&a.tasks, split, a.data.as_deref(), &home)?;
+    let mut tasks =
+        eval::resolve_tasks_with(&a.tasks, split, a.data.as_deref(), &home, a.split_fractions)?;
+    if !a.exclude_inputs_of.is_empty() {
+        let seen: std::collections::HashSet<String> = eval::resolve_tasks_with(
+            &a.exclude_inputs_of,
+            eval::EvalSplit::All,
+            a.data.as_deref(),
+            &home,
+            a.split_fractions,
+        )?
+        .iter()
+        .flat_map(|t| t.examples.iter().map(|e| normalize_input(&e.source)))
+        .collect();
+        for t in &mut tasks {
+            let before = t.examples.len();
+            t.examples
+                .retain(|e| !seen.contains(&normalize_input(&e.source)));
+            let dropped = before - t.examples.len();
+            if dropped > 0 && !g.quiet {
+                eprintln!(
+                    "{}: {dropped} of {before} items left out (their input occurs in --exclude-inputs-of tasks)",
+                    t.name
+                );
+            }
+        }
+    }
     let mut lm = super::load_model(g, &a.model)?;
-    super::route::apply_route(&mut lm, &a.route)?;
+    let tally = a
+        .routing_summary
+        .as_ref()
+        .map(|_| quiver_core::routing::RoutingTally::new());
+    super::route::apply_route_observed(
+        &mut lm,
+        &a.route,
+        tally
+            .clone()
+            .map(|t| t as Arc<dyn quiver_core::routing::RouteObserver>),
+    )?;
+    let mut summaries = std::collections::BTreeMap::new();
     let route = match &a.route.adapter {
         Some(p) => format!("adapter:{}", p.display()),
         None => a.route.route.clone(),
@@ -115,6 +167,9 @@ pub fn evaluate(g: &GlobalArgs, a: &EvalArgs) -> Result<EvalReport> {
     for task in &tasks {
         let mut hits = 0usize;
         let mut seen = 0usize;
+        if let Some(t) = &tally {
+            t.reset();
+        }
         let (res, records) = eval::evaluate_task(&lm.model, &lm.tokenizer, task, &opts, |r| {
             seen += 1;
             hits += r.correct as usize;
@@ -138,9 +193,15 @@ pub fn evaluate(g: &GlobalArgs, a: &EvalArgs) -> Result<EvalReport> {
             res.items,
             res.wall_time_s
         );
+        if let Some(t) = &tally {
+            summaries.insert(res.task.clone(), t.summary());
+        }
         results.push(res);
     }
     pb.finish_and_clear();
+    if let Some(path) = &a.routing_summary {
+        write_atomic(path, serde_json::to_string(&summaries)?.as_bytes())?;
+    }
     if let Some(mut w) = predictions {
         w.flush()?;
     }

@@ -84,6 +84,17 @@ pub fn examples_for(
 
 /// Applies `--route` / `--adapter` to a loaded model.
 pub fn apply_route(lm: &mut LoadedModel, r: &RouteArgs) -> Result<()> {
+    apply_route_observed(lm, r, None)
+}
+
+/// [`apply_route`], with one more observer of every routing decision
+/// (`quiver eval --routing-summary`); an error for routes that are the same
+/// for every token.
+pub fn apply_route_observed(
+    lm: &mut LoadedModel,
+    r: &RouteArgs,
+    extra: Option<Arc<dyn RouteObserver>>,
+) -> Result<()> {
     let device = lm.model.device().clone();
     let dtype = lm.model.dtype();
     if let Some(dir) = &r.adapter {
@@ -96,6 +107,11 @@ pub fn apply_route(lm: &mut LoadedModel, r: &RouteArgs) -> Result<()> {
     }
     let route: Route = r.route.parse()?;
     let mix: MixMode = r.mix.parse()?;
+    if extra.is_some() && route.selector_kind().is_none() {
+        bail!(
+            "--routing-summary sums per-token routing; route `{route}` is the same for every token (use arrow, mu or phatgoose)"
+        );
+    }
     if r.explain.is_some() && route.selector_kind().is_none() {
         bail!(
             "--explain shows per-token routing; route `{route}` is the same for every token (use arrow, mu or phatgoose)"
@@ -179,7 +195,10 @@ pub fn apply_route(lm: &mut LoadedModel, r: &RouteArgs) -> Result<()> {
         Some(path) => Some(Arc::new(Explain::create(path)?)),
         None => None,
     };
-    let observer = explain.clone().map(|e| e as Arc<dyn RouteObserver>);
+    let observer = match (explain.clone().map(|e| e as Arc<dyn RouteObserver>), extra) {
+        (Some(a), Some(b)) => Some(Arc::new(routing::Fanout(vec![a, b])) as Arc<dyn RouteObserver>),
+        (a, b) => a.or(b),
+    };
     let installed = routing::install(
         &mut lm.model,
         &experts,

@@ -5,12 +5,14 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use quiver_core::data::{is_held_out, split_examples, DataSource, Example, Split};
+use quiver_core::data::{
+    is_held_out, split_examples_with, stable_hash, DataSource, Example, Split,
+};
 use quiver_core::expert::{expert_name_for_task, model_fingerprint, validate_name, BaseModelId};
 use quiver_core::lora::{LoraConfig, TargetModules};
 use quiver_core::train::{make_expert, train_lora, StepStats, TrainConfig, TrainObserver};
 
-use crate::args::{GlobalArgs, TrainArgs};
+use crate::args::{GlobalArgs, InitScheme, TrainArgs};
 
 struct Bar {
     pb: ProgressBar,
@@ -80,6 +82,7 @@ pub fn run(g: &GlobalArgs, mut a: TrainArgs) -> Result<ExitCode> {
         max_input_len: a.max_input_len,
         max_target_len: a.max_target_len,
         seed: a.seed,
+        init_seed: None,
         eval_every: a.eval_every,
         max_eval_examples: a.max_eval_examples,
         checkpoint_every: a.checkpoint_every,
@@ -106,6 +109,9 @@ pub fn run(g: &GlobalArgs, mut a: TrainArgs) -> Result<ExitCode> {
                 "task `{t}` is one of the held-out evaluation tasks and is never used for training"
             );
         }
+        if a.held_out.iter().any(|h| h.trim() == t.trim()) {
+            bail!("task `{t}` is held out (--held-out) and is never used for training");
+        }
     }
     let home = quiver_core::assets::quiver_home();
     let spec = match &a.data {
@@ -117,8 +123,22 @@ pub fn run(g: &GlobalArgs, mut a: TrainArgs) -> Result<ExitCode> {
     let mut tasks: Vec<(String, Vec<Example>, Vec<Example>)> = Vec::new();
     for t in &a.tasks {
         let all = source.load_task(t)?;
-        let train = split_examples(&all, t, a.split_seed, a.cap, Split::Train);
-        let val = split_examples(&all, t, a.split_seed, a.cap, Split::Validation);
+        let train = split_examples_with(
+            &all,
+            t,
+            a.split_seed,
+            a.cap,
+            Split::Train,
+            a.split_fractions,
+        );
+        let val = split_examples_with(
+            &all,
+            t,
+            a.split_seed,
+            a.cap,
+            Split::Validation,
+            a.split_fractions,
+        );
         if train.is_empty() {
             bail!(
                 "task `{t}` has no training examples after the split ({} examples in all)",
@@ -230,6 +250,13 @@ pub fn run(g: &GlobalArgs, mut a: TrainArgs) -> Result<ExitCode> {
             ProgressBar::hidden()
         };
         let mut bar = Bar { pb };
+        let cfg = TrainConfig {
+            init_seed: Some(match a.init {
+                InitScheme::PerExpert => a.seed ^ stable_hash(&name),
+                InitScheme::Shared => a.seed,
+            }),
+            ..cfg.clone()
+        };
         let (weights, report) = train_lora(
             &mut lm.model,
             &lm.tokenizer,

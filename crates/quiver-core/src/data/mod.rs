@@ -404,6 +404,15 @@ pub fn stable_hash(s: &str) -> u64 {
     h
 }
 
+/// An input as compared across tasks (held-out contamination checks):
+/// whitespace collapsed, lower case.
+pub fn normalize_input(s: &str) -> String {
+    s.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
+}
+
 /// The split of `n` examples of `task`: the indices `0..n` are shuffled
 /// with `StdRng::seed_from_u64(seed ^ stable_hash(task))`, the first
 /// `min(n, cap)` are kept (`cap == 0`: no cap), and of those `m`,
@@ -412,6 +421,72 @@ pub fn stable_hash(s: &str) -> u64 {
 /// then validation, then test. Within a split, indices are sorted, so
 /// examples keep their file order.
 pub fn split_indices(n: usize, task: &str, seed: u64, cap: usize) -> SplitIndices {
+    split_indices_with(n, task, seed, cap, SplitFractions::default())
+}
+
+/// The train and validation fractions of a split (test gets the rest).
+/// The default is the 80/10/10 of [`split_indices`]; a held-out task that
+/// only an upper-bound expert trains on can give most of its examples to
+/// test (`quiver experiment`'s `held_out_split`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SplitFractions {
+    pub train: f64,
+    pub validation: f64,
+}
+
+impl Default for SplitFractions {
+    fn default() -> Self {
+        Self {
+            train: 0.8,
+            validation: 0.1,
+        }
+    }
+}
+
+impl SplitFractions {
+    /// Checks that both are in [0, 1] and sum to at most 1.
+    pub fn new(train: f64, validation: f64) -> Result<Self> {
+        let ok = |x: f64| x.is_finite() && (0.0..=1.0).contains(&x);
+        if !ok(train) || !ok(validation) || train + validation > 1.0 + 1e-9 {
+            return Err(Error::invalid(format!(
+                "split fractions {train},{validation}: train and validation must be in [0, 1] and sum to at most 1 (test gets the rest)"
+            )));
+        }
+        Ok(Self { train, validation })
+    }
+}
+
+impl FromStr for SplitFractions {
+    type Err = Error;
+    /// `TRAIN,VALIDATION`, e.g. `0.8,0.1`.
+    fn from_str(s: &str) -> Result<Self> {
+        let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+        let num = |p: &str| p.parse::<f64>().ok();
+        match parts.as_slice() {
+            [t, v] => match (num(t), num(v)) {
+                (Some(t), Some(v)) => SplitFractions::new(t, v),
+                _ => Err(Error::invalid(format!(
+                    "split fractions `{s}`: expected two numbers, TRAIN,VALIDATION (e.g. 0.8,0.1)"
+                ))),
+            },
+            _ => Err(Error::invalid(format!(
+                "split fractions `{s}`: expected TRAIN,VALIDATION (e.g. 0.8,0.1); test gets the rest"
+            ))),
+        }
+    }
+}
+
+/// [`split_indices`] with other fractions: of the `m` kept indices,
+/// validation gets `round(m * validation)`, test `round(m * (1 - train -
+/// validation))` (never more than what is left) and train the rest. The
+/// default fractions give exactly [`split_indices`]'s split.
+pub fn split_indices_with(
+    n: usize,
+    task: &str,
+    seed: u64,
+    cap: usize,
+    fr: SplitFractions,
+) -> SplitIndices {
     let mut idx: Vec<usize> = (0..n).collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ stable_hash(task));
     idx.shuffle(&mut rng);
@@ -419,11 +494,21 @@ pub fn split_indices(n: usize, task: &str, seed: u64, cap: usize) -> SplitIndice
         idx.truncate(cap);
     }
     let m = idx.len();
-    let tenth = (m + 5) / 10;
-    let n_train = m - 2 * tenth;
+    let (n_val, n_test) = if fr == SplitFractions::default() {
+        let tenth = (m + 5) / 10;
+        (tenth, tenth)
+    } else {
+        let v = ((m as f64 * fr.validation).round() as usize).min(m);
+        let t = ((m as f64 * (1.0 - fr.train - fr.validation))
+            .round()
+            .max(0.0) as usize)
+            .min(m - v);
+        (v, t)
+    };
+    let n_train = m - n_val - n_test;
     let mut train = idx[..n_train].to_vec();
-    let mut validation = idx[n_train..n_train + tenth].to_vec();
-    let mut test = idx[n_train + tenth..].to_vec();
+    let mut validation = idx[n_train..n_train + n_val].to_vec();
+    let mut test = idx[n_train + n_val..].to_vec();
     train.sort_unstable();
     validation.sort_unstable();
     test.sort_unstable();
@@ -446,7 +531,19 @@ pub fn split_examples(
     cap: usize,
     split: Split,
 ) -> Vec<Example> {
-    split_indices(examples.len(), task, seed, cap)
+    split_examples_with(examples, task, seed, cap, split, SplitFractions::default())
+}
+
+/// [`split_examples`] with other fractions ([`split_indices_with`]).
+pub fn split_examples_with(
+    examples: &[Example],
+    task: &str,
+    seed: u64,
+    cap: usize,
+    split: Split,
+    fr: SplitFractions,
+) -> Vec<Example> {
+    split_indices_with(examples.len(), task, seed, cap, fr)
         .get(split)
         .iter()
         .map(|&i| examples[i].clone())
@@ -576,6 +673,36 @@ mod tests {
             options: None,
             answer: None,
             scored_suffix: None,
+        }
+    }
+
+    #[test]
+    fn split_fractions_give_most_items_to_test_and_stay_disjoint() {
+        let fr: SplitFractions = "0.2,0.1".parse().unwrap();
+        let s = split_indices_with(1000, "t", 0, 0, fr);
+        assert_eq!(
+            (s.train.len(), s.validation.len(), s.test.len()),
+            (200, 100, 700)
+        );
+        let mut all: Vec<usize> = s
+            .train
+            .iter()
+            .chain(&s.validation)
+            .chain(&s.test)
+            .copied()
+            .collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..1000).collect::<Vec<_>>());
+        // The default fractions are exactly the 80/10/10 split.
+        let d = split_indices_with(37, "t", 5, 0, SplitFractions::default());
+        let o = split_indices(37, "t", 5, 0);
+        assert_eq!(
+            (d.train, d.validation, d.test),
+            (o.train, o.validation, o.test)
+        );
+        for bad in ["0.9,0.2", "a,b", "0.5", "-0.1,0.1"] {
+            let e = bad.parse::<SplitFractions>().unwrap_err().to_string();
+            assert!(e.contains("split fractions"), "{bad}: {e}");
         }
     }
 

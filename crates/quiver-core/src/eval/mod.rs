@@ -17,6 +17,8 @@
 //! so two runs evaluate the same items.
 
 pub mod metrics;
+pub mod paired;
+pub mod plot;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -26,7 +28,8 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use crate::data::{
-    is_bbh, split_examples, stable_hash, DataSource, Example, Split, DEFAULT_CAP, HELD_OUT_TASKS,
+    is_bbh, split_examples_with, stable_hash, DataSource, Example, Split, SplitFractions,
+    DEFAULT_CAP, HELD_OUT_TASKS,
 };
 use crate::error::{Error, Result};
 use crate::generate::argmax;
@@ -116,12 +119,27 @@ pub fn resolve_tasks(
     data: Option<&Path>,
     home: &Path,
 ) -> Result<Vec<EvalTask>> {
+    resolve_tasks_with(names, split, data, home, SplitFractions::default())
+}
+
+/// [`resolve_tasks`], with BIG-bench and JSONL tasks split by `fractions`
+/// instead of 80/10/10 (olmo tasks keep their own split files).
+pub fn resolve_tasks_with(
+    names: &[String],
+    split: EvalSplit,
+    data: Option<&Path>,
+    home: &Path,
+    fractions: SplitFractions,
+) -> Result<Vec<EvalTask>> {
     if names.is_empty() {
         return Err(Error::invalid("no tasks given (--tasks)"));
     }
     if let Some(path) = data {
         let src = DataSource::Jsonl(path.to_path_buf());
-        return names.iter().map(|n| split_task(&src, n, split)).collect();
+        return names
+            .iter()
+            .map(|n| split_task(&src, n, split, fractions))
+            .collect();
     }
     let mut expanded: Vec<String> = Vec::new();
     for n in names {
@@ -206,16 +224,21 @@ pub fn resolve_tasks(
             bigbench = Some(DataSource::from_spec("bigbench", home)?);
         }
         let src = bigbench.as_ref().expect("set above");
-        out.push(split_task(src, n, split)?);
+        out.push(split_task(src, n, split, fractions)?);
     }
     Ok(out)
 }
 
-fn split_task(src: &DataSource, name: &str, split: EvalSplit) -> Result<EvalTask> {
+fn split_task(
+    src: &DataSource,
+    name: &str,
+    split: EvalSplit,
+    fractions: SplitFractions,
+) -> Result<EvalTask> {
     let all = src.load_task(name)?;
     let examples = match split {
         EvalSplit::All => all,
-        EvalSplit::Split(s) => split_examples(&all, name, 0, DEFAULT_CAP, s),
+        EvalSplit::Split(s) => split_examples_with(&all, name, 0, DEFAULT_CAP, s, fractions),
     };
     Ok(EvalTask {
         name: name.to_string(),

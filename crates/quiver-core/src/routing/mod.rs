@@ -20,6 +20,7 @@ pub mod mu;
 pub mod phatgoose;
 pub mod prototypes;
 pub mod router;
+pub mod tally;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -42,6 +43,7 @@ pub use router::{
     MixMode, RouteDecision, RouteObserver, RoutePath, RoutedLora, Selection, Selector,
     SelectorKind, Usage, UsageReport,
 };
+pub use tally::{Fanout, RoutingSummary, RoutingTally};
 
 /// A way to reuse the library on a new input (`--route`).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -47,6 +47,13 @@ pub struct TrainConfig {
     /// Targets are truncated on the right to this many tokens.
     pub max_target_len: usize,
     pub seed: u64,
+    /// Seed of the LoRA initialisation (`None`: `seed`). Each module's `A`
+    /// is drawn from its own generator, seeded from this and the module's
+    /// name ([`lora_init_a`]), so the initialisation can be recomputed from
+    /// the expert's metadata (MBC's `delta` embedding subtracts it).
+    /// `quiver train` gives every expert its own (`--init per-expert`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_seed: Option<u64>,
     /// Validation loss every N steps (0: only before and after training).
     pub eval_every: usize,
     /// At most this many validation examples are scored.
@@ -70,6 +77,7 @@ impl Default for TrainConfig {
             max_input_len: 512,
             max_target_len: 64,
             seed: 42,
+            init_seed: None,
             eval_every: 0,
             max_eval_examples: 200,
             checkpoint_every: 25,
@@ -105,6 +113,17 @@ impl TrainConfig {
     fn warmup_steps(&self) -> usize {
         (self.warmup_ratio * self.steps as f64).ceil() as usize
     }
+}
+
+/// The initial `A` (`rank x in`, row-major) of the LoRA on `module`:
+/// PEFT's Kaiming-uniform (bound `1/sqrt(in)`), from a generator seeded
+/// with `init_seed ^ stable_hash(module)`.
+pub fn lora_init_a(init_seed: u64, module: &str, rank: usize, inp: usize) -> Vec<f32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(init_seed ^ crate::data::stable_hash(module));
+    let bound = 1.0 / (inp as f32).sqrt();
+    (0..rank * inp)
+        .map(|_| rng.random_range(-bound..bound))
+        .collect()
 }
 
 /// Dropout masks drawn from a generator re-seeded at every micro-batch.
@@ -433,7 +452,7 @@ impl LoraTrainer {
     pub fn attach(model: &mut Llama, cfg: &TrainConfig) -> Result<Self> {
         let device = model.device().clone();
         let dtype = model.dtype();
-        let mut init_rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+        let init_seed = cfg.init_seed.unwrap_or(cfg.seed);
         let dropout = Arc::new(Mutex::new(DropoutState {
             training: false,
             rng: rand::rngs::SmallRng::seed_from_u64(0),
@@ -446,10 +465,7 @@ impl LoraTrainer {
                 continue;
             }
             let (out, inp) = (lin.out_features(), lin.in_features());
-            let bound = 1.0 / (inp as f32).sqrt();
-            let a: Vec<f32> = (0..cfg.lora.rank * inp)
-                .map(|_| init_rng.random_range(-bound..bound))
-                .collect();
+            let a = lora_init_a(init_seed, lin.name(), cfg.lora.rank, inp);
             let a = Var::from_tensor(
                 &Tensor::from_vec(a, (cfg.lora.rank, inp), &device)?.to_dtype(dtype)?,
             )?;

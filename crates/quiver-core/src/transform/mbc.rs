@@ -73,6 +73,53 @@ pub struct ClusterConfig {
     pub n_components: usize,
     /// k-means restarts (the paper: 10).
     pub restarts: usize,
+    /// What MBC flattens (step 2): the weights, or what training changed.
+    #[serde(default, skip_serializing_if = "Embedding::is_weights")]
+    pub embed: Embedding,
+}
+
+/// What MBC step 2 flattens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Embedding {
+    /// The trained A and B as they are (mttl). When every expert starts from
+    /// the same A, that shared initialisation dominates the vectors and all
+    /// similarities are high.
+    #[default]
+    Weights,
+    /// What training changed: `A - A_0` and `B` (B starts at zero), with
+    /// `A_0` recomputed from the initialisation seed recorded in the
+    /// expert's metadata. Experts trained from one shared `A_0` stay in one
+    /// basis, so their `B`s are comparable, and the offset is gone.
+    Delta,
+}
+
+impl Embedding {
+    fn is_weights(&self) -> bool {
+        *self == Embedding::Weights
+    }
+}
+
+impl std::fmt::Display for Embedding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Embedding::Weights => "weights",
+            Embedding::Delta => "delta",
+        })
+    }
+}
+
+impl std::str::FromStr for Embedding {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "weights" => Ok(Embedding::Weights),
+            "delta" => Ok(Embedding::Delta),
+            _ => Err(Error::invalid(format!(
+                "unknown MBC embedding `{s}` (expected weights or delta)"
+            ))),
+        }
+    }
 }
 
 impl ClusterConfig {
@@ -85,6 +132,7 @@ impl ClusterConfig {
             sparsity: 0.5,
             n_components: 64,
             restarts: 10,
+            embed: Embedding::Weights,
         }
     }
 
@@ -353,6 +401,32 @@ pub fn flatten_expert(e: &Expert) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// MBC step 2 on what training changed: [`flatten_expert`] with each `A`
+/// minus its initialisation, recomputed from the `init_seed` the trainer
+/// recorded in the expert's metadata ([`crate::train::lora_init_a`]).
+pub fn flatten_delta(e: &Expert) -> Result<Vec<f32>> {
+    let seed = e
+        .info
+        .as_ref()
+        .and_then(|i| i.training.get("init_seed"))
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "expert `{}` records no initialisation seed (imported, or trained before Quiver recorded one), so MBC cannot subtract its initialisation: cluster with --embed weights, or retrain it",
+                e.name
+            ))
+        })?;
+    let mut out = Vec::new();
+    for (module, (a, b)) in &e.weights {
+        let (r, inp) = a.dims2()?;
+        let a0 = crate::train::lora_init_a(seed, module, r, inp);
+        let a = a.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        out.extend(a.iter().zip(&a0).map(|(x, y)| x - y));
+        out.extend(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}
+
 /// MBC steps 2-4: one L2-normalised embedding per expert (in the order
 /// given) from the sparsified, flattened weights, by truncated SVD to
 /// `min(n_components, N)` components (randomized when N > n_components + 10,
@@ -366,11 +440,25 @@ pub fn mbc_embed(
     n_components: usize,
     seed: u64,
 ) -> Result<Vec<Vec<f32>>> {
+    mbc_embed_with(experts, Embedding::Weights, sparsity, n_components, seed)
+}
+
+/// [`mbc_embed`] of what [`Embedding`] says to flatten.
+pub fn mbc_embed_with(
+    experts: &[Expert],
+    embed: Embedding,
+    sparsity: f64,
+    n_components: usize,
+    seed: u64,
+) -> Result<Vec<Vec<f32>>> {
     check_compatible(experts)?;
     let n = experts.len();
     let mut xt: Option<Mat<f32>> = None;
     for (j, e) in experts.iter().enumerate() {
-        let mut v = flatten_expert(e)?;
+        let mut v = match embed {
+            Embedding::Weights => flatten_expert(e)?,
+            Embedding::Delta => flatten_delta(e)?,
+        };
         sparsify(&mut v, sparsity);
         if v.iter().all(|x| *x == 0.0) {
             return Err(Error::invalid(format!(
@@ -467,7 +555,7 @@ pub fn cluster(experts: &[Expert], cfg: &ClusterConfig) -> Result<Clustering> {
     let (labels, inertia, similarity) = match cfg.method {
         ClusterMethod::Mbc => {
             let owned: Vec<Expert> = sorted.iter().map(|e| (*e).clone()).collect();
-            let emb = mbc_embed(&owned, cfg.sparsity, cfg.n_components, cfg.seed)?;
+            let emb = mbc_embed_with(&owned, cfg.embed, cfg.sparsity, cfg.n_components, cfg.seed)?;
             let s = similarity_matrix(&emb);
             let km = kmeans(&s, cfg.k, cfg.restarts, cfg.seed)?;
             (km.labels, Some(km.inertia), Some(s))

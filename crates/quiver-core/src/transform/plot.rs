@@ -2,8 +2,10 @@
 //! with rows and columns grouped by cluster, so the block structure that
 //! k-means found is visible at a glance.
 //!
-//! Drawn with plotters' bitmap backend only: no text, so no system fonts
-//! are needed. The colour scale (viridis-like, dark = low, bright = high)
+//! Drawn with plotters' bitmap backend. With expert names
+//! ([`plot_similarity_named`]) and a font ([`crate::eval::plot::find_font`])
+//! rows are labelled on the left and columns on top; without a font the
+//! picture has no text. The colour scale (viridis-like, dark = low, bright = high)
 //! spans the off-diagonal values; the diagonal (always 1) is clipped to the
 //! brightest colour. White lines separate clusters; the strip on the right
 //! is the colour bar, low at the bottom. [`HeatmapScale`] returns the
@@ -46,7 +48,24 @@ fn colour(t: f32) -> RGBColor {
 /// Writes `s` (`N x N`) as a PNG heatmap at `path`, rows and columns
 /// ordered by `labels` (cluster index per row), then by index.
 pub fn plot_similarity(path: &Path, s: &[Vec<f32>], labels: &[usize]) -> Result<HeatmapScale> {
+    plot_similarity_named(path, s, labels, &[])
+}
+
+/// [`plot_similarity`] with row `i` labelled `names[i]` (left, and rotated
+/// on top) when a font is available; `names` empty: no labels.
+pub fn plot_similarity_named(
+    path: &Path,
+    s: &[Vec<f32>],
+    labels: &[usize],
+    names: &[String],
+) -> Result<HeatmapScale> {
     let n = s.len();
+    if !names.is_empty() && names.len() != n {
+        return Err(Error::invalid(
+            "the heatmap needs one name per row of the similarity matrix",
+        ));
+    }
+    let text = !names.is_empty() && crate::eval::plot::ensure_font().is_ok();
     if n == 0 || labels.len() != n || s.iter().any(|r| r.len() != n) {
         return Err(Error::invalid(
             "the heatmap needs a square similarity matrix and one label per row",
@@ -77,8 +96,16 @@ pub fn plot_similarity(path: &Path, s: &[Vec<f32>], labels: &[usize]) -> Result<
     let cell = (720 / n as u32).clamp(2, 48);
     let side = cell * n as u32;
     let (margin, bar_gap, bar_w) = (12u32, 12u32, 18u32);
-    let width = margin + side + bar_gap + bar_w + margin;
-    let height = margin + side + margin;
+    let font_px = (cell as f64 * 0.8).clamp(8.0, 14.0);
+    let label_w = if text {
+        (names.iter().map(|n| n.chars().count()).max().unwrap_or(0) as f64 * font_px * 0.6) as u32
+            + 8
+    } else {
+        0
+    };
+    let (left, top) = (margin + label_w, margin + label_w);
+    let width = left + side + bar_gap + bar_w + margin;
+    let height = top + side + margin;
     let fail = |e: &dyn std::fmt::Display| {
         Error::invalid(format!("{}: cannot write the plot: {e}", path.display()))
     };
@@ -89,10 +116,25 @@ pub fn plot_similarity(path: &Path, s: &[Vec<f32>], labels: &[usize]) -> Result<
         let root = BitMapBackend::new(path, (width, height)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| fail(&e))?;
         let (m, c) = (margin as i32, cell as i32);
+        let (mx, my) = (left as i32, top as i32);
+        if text {
+            let style = ("sans-serif", font_px).into_font().color(&BLACK);
+            let rotated = ("sans-serif", font_px)
+                .into_font()
+                .transform(FontTransform::Rotate270)
+                .color(&BLACK);
+            for (r, &i) in order.iter().enumerate() {
+                let mid = r as i32 * c + c / 2 - font_px as i32 / 2;
+                root.draw_text(&names[i], &style, (m, my + mid))
+                    .map_err(|e| fail(&e))?;
+                root.draw_text(&names[i], &rotated, (mx + mid, top as i32 - 4))
+                    .map_err(|e| fail(&e))?;
+            }
+        }
         for (r, &i) in order.iter().enumerate() {
             for (q, &j) in order.iter().enumerate() {
                 let t = (s[i][j] - low) / span;
-                let (x, y) = (m + q as i32 * c, m + r as i32 * c);
+                let (x, y) = (mx + q as i32 * c, my + r as i32 * c);
                 root.draw(&Rectangle::new(
                     [(x, y), (x + c, y + c)],
                     colour(t).filled(),
@@ -104,11 +146,11 @@ pub fn plot_similarity(path: &Path, s: &[Vec<f32>], labels: &[usize]) -> Result<
         let line = if cell >= 8 { 2 } else { 1 };
         for r in 1..n {
             if labels[order[r]] != labels[order[r - 1]] {
-                let p = m + r as i32 * c;
-                let end = m + side as i32;
+                let (px, py) = (mx + r as i32 * c, my + r as i32 * c);
+                let (ex, ey) = (mx + side as i32, my + side as i32);
                 for rect in [
-                    [(p - line / 2, m), (p - line / 2 + line, end)],
-                    [(m, p - line / 2), (end, p - line / 2 + line)],
+                    [(px - line / 2, my), (px - line / 2 + line, ey)],
+                    [(mx, py - line / 2), (ex, py - line / 2 + line)],
                 ] {
                     root.draw(&Rectangle::new(rect, WHITE.filled()))
                         .map_err(|e| fail(&e))?;
@@ -116,11 +158,11 @@ pub fn plot_similarity(path: &Path, s: &[Vec<f32>], labels: &[usize]) -> Result<
             }
         }
         // Colour bar, low at the bottom.
-        let bx = m + side as i32 + bar_gap as i32;
+        let bx = mx + side as i32 + bar_gap as i32;
         for y in 0..side as i32 {
             let t = 1.0 - y as f32 / (side.max(2) - 1) as f32;
             root.draw(&Rectangle::new(
-                [(bx, m + y), (bx + bar_w as i32, m + y + 1)],
+                [(bx, my + y), (bx + bar_w as i32, my + y + 1)],
                 colour(t).filled(),
             ))
             .map_err(|e| fail(&e))?;
