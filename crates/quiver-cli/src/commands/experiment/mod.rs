@@ -777,7 +777,9 @@ fn run_pipeline(
             log: logs.join("train-shared.jsonl"),
         });
     }
-    if libs.contains(&Lib::Oracle) {
+    // The task oracles train only when their row is evaluated (last in
+    // most configs), so the routes before it report sooner.
+    let oracle_step = libs.contains(&Lib::Oracle).then(|| {
         let fr = cfg.held_out_fractions();
         let mut args = vec![
             "train".to_string(),
@@ -789,15 +791,15 @@ fn run_pipeline(
             format!("{},{}", fr.train, fr.validation),
         ];
         args.extend(cfg.train_flags(cfg.train.oracle_steps.unwrap_or(cfg.train.steps)));
-        steps.push(Step {
+        Step {
             what: "task oracles: one expert per held-out sibling, trained on its own train split (an upper bound, in no library)".into(),
             args,
             log: logs.join("train-oracle.jsonl"),
-        });
-    }
+        }
+    });
 
     if dry_run {
-        for s in &steps {
+        for s in steps.iter().chain(&oracle_step) {
             eprintln!("\n== {}\n$ quiver {}", s.what, command_line(&s.args));
         }
         eprintln!(
@@ -894,6 +896,11 @@ fn run_pipeline(
                     row.absorb(cells(&e));
                 }
                 RowKind::FamilyOracle | RowKind::TaskOracle => {
+                    if r.kind == RowKind::TaskOracle {
+                        if let Some(step) = &oracle_step {
+                            run_step(g, step)?;
+                        }
+                    }
                     for h in &held_out {
                         let (lib, name) = if r.kind == RowKind::TaskOracle {
                             (Lib::Oracle, expert_name_for_task(h))
