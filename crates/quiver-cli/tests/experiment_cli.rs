@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{assert_clean_error, assets_present, fixture, quiver, run};
+use common::{assert_clean_error, assets_present, experts_in, fixture, quiver, run};
 
 /// Two families of training tasks and a multiple-choice evaluation task.
 fn write_data(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
@@ -122,18 +122,7 @@ fn experiment_runs_every_route_and_resumes() {
         assert!(table.contains(&format!("| {route} |")), "{route}: {table}");
     }
     // Libraries: 4 private experts, k = 2 cluster experts each, 1 shared.
-    let count = |lib: &str| {
-        std::fs::read_dir(out.join(lib))
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .path()
-                    .join("quiver_expert.json")
-                    .exists()
-            })
-            .count()
-    };
+    let count = |lib: &str| experts_in(&out.join(lib));
     assert_eq!(count("private"), 4);
     assert_eq!(count("mbc"), 2);
     assert_eq!(count("random"), 2);

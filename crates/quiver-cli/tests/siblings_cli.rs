@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{assert_clean_error, fixture, quiver, run};
+use common::{assert_clean_error, experts_in, fixture, quiver, run};
 
 /// Three families of multiple-choice tasks, three subtasks each; one of
 /// them (`*_c`) will be held out. Inputs differ between subtasks, except
@@ -174,18 +174,7 @@ fn held_out_siblings_experiment_reports_paired_differences_and_resumes() {
         assert!(md.contains(&format!("| {label} |")), "{label}: {md}");
     }
     // Libraries: 6 private experts, 3 task oracles, k = 3 cluster experts.
-    let count = |lib: &str| {
-        std::fs::read_dir(out.join(lib))
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .path()
-                    .join("quiver_expert.json")
-                    .exists()
-            })
-            .count()
-    };
+    let count = |lib: &str| experts_in(&out.join(lib));
     assert_eq!(count("private"), 6);
     assert_eq!(count("oracle"), 3);
     assert_eq!(count("mbc"), 3);

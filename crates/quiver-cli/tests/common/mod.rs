@@ -39,6 +39,20 @@ pub fn assert_clean_error(cmd: &mut Command, needles: &[&str]) {
     }
 }
 
+/// Experts (directories with a quiver_expert.json) in a library directory.
+pub fn experts_in(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .join("quiver_expert.json")
+                .exists()
+        })
+        .count()
+}
+
 /// Every file under `dir` with its bytes, to prove nothing changed.
 pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     let mut out = BTreeMap::new();

@@ -825,47 +825,8 @@ fn run_pipeline(
     let mut results = report::Results::new(cfg, out, contamination);
     results.load_clusterings()?;
 
-    // The family oracle's choices, on the siblings' validation items.
     let routes: Vec<RouteSpec> = cfg.routes();
     let mut family_choice: BTreeMap<String, (String, f64)> = BTreeMap::new();
-    if routes.iter().any(|r| r.kind == RowKind::FamilyOracle) {
-        let fr = cfg.held_out_fractions();
-        let val = TableSpec {
-            tasks: held_out.clone(),
-            split: "validation".into(),
-            fractions: Some(fr),
-            limit: Some(cfg.eval.select_limit),
-            data: train_data(cfg),
-            seed: cfg.eval.seed,
-            exclude: contaminating(cfg, &results.contamination),
-        };
-        for (fam, f) in &cfg.families {
-            for t in &f.library {
-                let name = expert_name_for_task(t);
-                let mut args = expert_args(cfg, out, Lib::Private, &name);
-                args.extend(val.args(&f.held_out));
-                let e = run_eval(
-                    g,
-                    out,
-                    &format!("select.{}", slug(&name)),
-                    &format!(
-                        "family oracle ({fam}): {name} on the held-out siblings' validation items"
-                    ),
-                    &args,
-                    false,
-                )?;
-                for r in &e.report.tasks {
-                    let better = family_choice
-                        .get(&r.task)
-                        .is_none_or(|(_, best)| r.score > *best);
-                    if better {
-                        family_choice.insert(r.task.clone(), (name.clone(), r.score));
-                    }
-                }
-            }
-        }
-    }
-
     // Every route on the held-out siblings and on `[eval] tasks`.
     let siblings = held_out_table(cfg, &results.contamination);
     let extra = TableSpec {
@@ -896,6 +857,45 @@ fn run_pipeline(
                     row.absorb(cells(&e));
                 }
                 RowKind::FamilyOracle | RowKind::TaskOracle => {
+                    // The family oracle's choices, on the siblings' validation items.
+                    if r.kind == RowKind::FamilyOracle && family_choice.is_empty() {
+                        let fr = cfg.held_out_fractions();
+                        let val = TableSpec {
+                            tasks: held_out.clone(),
+                            split: "validation".into(),
+                            fractions: Some(fr),
+                            limit: Some(cfg.eval.select_limit),
+                            data: train_data(cfg),
+                            seed: cfg.eval.seed,
+                            exclude: contaminating(cfg, &results.contamination),
+                        };
+                        for (fam, f) in &cfg.families {
+                            for t in &f.library {
+                                let name = expert_name_for_task(t);
+                                let mut args = expert_args(cfg, out, Lib::Private, &name);
+                                args.extend(val.args(&f.held_out));
+                                let e = run_eval(
+                            g,
+                            out,
+                            &format!("select.{}", slug(&name)),
+                            &format!(
+                                "family oracle ({fam}): {name} on the held-out siblings' validation items"
+                            ),
+                            &args,
+                            false,
+                        )?;
+                                for r in &e.report.tasks {
+                                    let better = family_choice
+                                        .get(&r.task)
+                                        .is_none_or(|(_, best)| r.score > *best);
+                                    if better {
+                                        family_choice
+                                            .insert(r.task.clone(), (name.clone(), r.score));
+                                    }
+                                }
+                            }
+                        }
+                    }
                     if r.kind == RowKind::TaskOracle {
                         if let Some(step) = &oracle_step {
                             run_step(g, step)?;
