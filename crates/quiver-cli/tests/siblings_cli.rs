@@ -19,7 +19,8 @@ fn write_data(dir: &Path) -> PathBuf {
         "cat", "sun", "red", "box", "pen", "cup", "hat", "map", "dog", "fig",
     ];
     let mut t = String::new();
-    let fams: [(&str, fn(&str) -> String); 3] = [
+    type Answer = fn(&str) -> String;
+    let fams: [(&str, Answer); 3] = [
         ("plural", |w| format!("{w}s")),
         ("reverse", |w| w.chars().rev().collect()),
         ("copy", |w| w.to_string()),

@@ -194,18 +194,10 @@ mod tests {
         // 400 items: a right on 240, b right on 200, 60 discordant a-only and
         // 20 b-only. Paired differences: +1 x 60, -1 x 20, 0 x 320: mean 0.1,
         // sd sqrt(80/400 - 0.01) = 0.4359, se 0.02179, 95% half-width 0.0427.
-        let mut a = vec![0u8; 400];
-        let mut b = vec![0u8; 400];
-        for i in 0..60 {
-            a[i] = 1;
-        }
-        for i in 60..80 {
-            b[i] = 1;
-        }
-        for i in 80..260 {
-            a[i] = 1;
-            b[i] = 1;
-        }
+        let a: Vec<u8> = (0..400)
+            .map(|i| u8::from(i < 60 || (80..260).contains(&i)))
+            .collect();
+        let b: Vec<u8> = (0..400).map(|i| u8::from((60..260).contains(&i))).collect();
         let d = paired_difference(&[scores(&a, &b)], BOOTSTRAP_RESAMPLES, 3);
         assert!((d.diff - 0.1).abs() < 1e-12);
         assert!((d.ci_low - (0.1 - 0.0427)).abs() < 0.006, "{d:?}");

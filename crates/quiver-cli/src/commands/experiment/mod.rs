@@ -42,7 +42,7 @@ use quiver_core::routing::RoutingSummary;
 use crate::args::GlobalArgs;
 pub use config::ExperimentConfig;
 use config::{Lib, RouteSpec, RowKind};
-use report::{Row, TaskCell};
+use report::{Cells, Row, TaskCell};
 
 /// The demo's configuration, also kept in the repository as
 /// `configs/demo.toml`.
@@ -438,12 +438,7 @@ fn expert_args(cfg: &ExperimentConfig, out: &Path, lib: Lib, expert: &str) -> Ve
 }
 
 /// Per-task cells and item outcomes of an evaluation.
-fn cells(
-    e: &EvalOut,
-) -> (
-    BTreeMap<String, TaskCell>,
-    BTreeMap<String, Vec<(usize, bool)>>,
-) {
+fn cells(e: &EvalOut) -> Cells {
     let mut c = BTreeMap::new();
     for t in &e.report.tasks {
         c.insert(

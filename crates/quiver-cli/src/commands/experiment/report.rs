@@ -41,7 +41,8 @@ pub struct Row {
     pub routing: Option<BTreeMap<String, RoutingSummary>>,
 }
 
-type Cells = (
+/// Per-task cells and (item, correct) outcomes of one evaluation.
+pub type Cells = (
     BTreeMap<String, TaskCell>,
     BTreeMap<String, Vec<(usize, bool)>>,
 );
