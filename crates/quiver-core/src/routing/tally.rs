@@ -38,17 +38,22 @@ impl RoutingSummary {
     /// Share of the routing weight that lands on `members` at each layer
     /// and over all layers (decisions weighted equally).
     pub fn share_of(&self, members: &[String]) -> (BTreeMap<String, f64>, f64) {
-        let idx: Vec<usize> = self
+        let weights: Vec<f64> = self
             .experts
             .iter()
-            .enumerate()
-            .filter(|(_, n)| members.contains(n))
-            .map(|(i, _)| i)
+            .map(|n| f64::from(u8::from(members.contains(n))))
             .collect();
+        self.weighted_share(&weights)
+    }
+
+    /// [`RoutingSummary::share_of`] with each expert counted by a weight in
+    /// [0, 1] (e.g. the fraction of a cluster expert's tasks in a family),
+    /// in the order of `experts`.
+    pub fn weighted_share(&self, weights: &[f64]) -> (BTreeMap<String, f64>, f64) {
         let mut per_layer = BTreeMap::new();
         let (mut total, mut count) = (0.0, 0u64);
         for (layer, w) in &self.mean_weight {
-            let s: f64 = idx.iter().map(|&i| w[i]).sum();
+            let s: f64 = w.iter().zip(weights).map(|(a, b)| a * b).sum();
             let d = self.decisions.get(layer).copied().unwrap_or(0);
             per_layer.insert(layer.clone(), s);
             total += s * d as f64;

@@ -294,14 +294,10 @@ impl<'a> Results<'a> {
                     })
                     .collect();
                 let chance = frac.iter().sum::<f64>() / frac.len().max(1) as f64;
-                let (mut total, mut count) = (0.0, 0u64);
+                let (per_module, share) = summary.weighted_share(&frac);
                 let mut layers: BTreeMap<usize, (f64, usize)> = BTreeMap::new();
-                for (module, w) in &summary.mean_weight {
-                    let s: f64 = w.iter().zip(&frac).map(|(a, b)| a * b).sum();
-                    let d = summary.decisions.get(module).copied().unwrap_or(0);
-                    total += s * d as f64;
-                    count += d;
-                    if let Some(l) = layer_index(module) {
+                for (module, s) in per_module {
+                    if let Some(l) = layer_index(&module) {
                         let e = layers.entry(l).or_default();
                         e.0 += s;
                         e.1 += 1;
@@ -311,11 +307,7 @@ impl<'a> Results<'a> {
                     route: row.label.clone(),
                     task: task.clone(),
                     family: fam.to_string(),
-                    share: if count == 0 {
-                        0.0
-                    } else {
-                        total / count as f64
-                    },
+                    share,
                     chance,
                     per_layer: layers.values().map(|(s, n)| s / *n as f64).collect(),
                 });
