@@ -820,6 +820,50 @@ fn run_pipeline(
     let mut results = report::Results::new(cfg, out, contamination);
     results.load_clusterings()?;
 
+    // The private experts on their own tasks first: if they do not help
+    // there, nothing downstream means anything.
+    if !cfg.families.is_empty() && cfg.eval.own_limit > 0 {
+        let own = TableSpec {
+            tasks: train_tasks.clone(),
+            split: "test".into(),
+            fractions: None,
+            limit: Some(cfg.eval.own_limit),
+            data: train_data(cfg),
+            seed: cfg.eval.seed,
+            exclude: Vec::new(),
+        };
+        let mut args = vec!["eval".to_string(), "--model".into(), cfg.model.clone()];
+        args.extend(own.args(&own.tasks));
+        let base = run_eval(
+            g,
+            out,
+            "own-tasks.base",
+            "base model on the library tasks' test items",
+            &args,
+            false,
+        )?;
+        let (bc, bi) = cells(&base);
+        let mut expert = Row::new("private expert");
+        for t in &train_tasks {
+            let name = expert_name_for_task(t);
+            let mut args = expert_args(cfg, out, Lib::Private, &name);
+            args.extend(own.args(std::slice::from_ref(t)));
+            let e = run_eval(
+                g,
+                out,
+                &format!("own-tasks.{}", slug(&name)),
+                &format!("private expert {name} on its own task"),
+                &args,
+                false,
+            )?;
+            expert.absorb(cells(&e));
+        }
+        let mut base_row = Row::new("base");
+        base_row.absorb((bc, bi));
+        results.own = Some((base_row, expert));
+        results.write()?;
+    }
+
     let routes: Vec<RouteSpec> = cfg.routes();
     let mut family_choice: BTreeMap<String, (String, f64)> = BTreeMap::new();
     // Every route on the held-out siblings and on `[eval] tasks`.
@@ -925,49 +969,6 @@ fn run_pipeline(
             results.write()?;
         }
     }
-    // The private experts on their own tasks.
-    if !cfg.families.is_empty() && cfg.eval.own_limit > 0 {
-        let own = TableSpec {
-            tasks: train_tasks.clone(),
-            split: "test".into(),
-            fractions: None,
-            limit: Some(cfg.eval.own_limit),
-            data: train_data(cfg),
-            seed: cfg.eval.seed,
-            exclude: Vec::new(),
-        };
-        let mut args = vec!["eval".to_string(), "--model".into(), cfg.model.clone()];
-        args.extend(own.args(&own.tasks));
-        let base = run_eval(
-            g,
-            out,
-            "own-tasks.base",
-            "base model on the library tasks' test items",
-            &args,
-            false,
-        )?;
-        let (bc, bi) = cells(&base);
-        let mut expert = Row::new("private expert");
-        for t in &train_tasks {
-            let name = expert_name_for_task(t);
-            let mut args = expert_args(cfg, out, Lib::Private, &name);
-            args.extend(own.args(std::slice::from_ref(t)));
-            let e = run_eval(
-                g,
-                out,
-                &format!("own-tasks.{}", slug(&name)),
-                &format!("private expert {name} on its own task"),
-                &args,
-                false,
-            )?;
-            expert.absorb(cells(&e));
-        }
-        let mut base_row = Row::new("base");
-        base_row.absorb((bc, bi));
-        results.own = Some((base_row, expert));
-        results.write()?;
-    }
-
     // Then the further tasks, once every route has its held-out row.
     for r in &routes {
         if !cfg.eval.tasks.is_empty() && matches!(r.kind, RowKind::Plain { .. }) {
