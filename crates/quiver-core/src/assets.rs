@@ -9,7 +9,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sha2::{Digest, Sha256};
+use crate::hash::sha256_file;
 
 use crate::error::{Error, Result};
 
@@ -378,21 +378,6 @@ impl<R: Read> Read for CountingReader<R> {
         self.count.set(self.count.get() + n as u64);
         Ok(n)
     }
-}
-
-/// Hex sha256 of a file.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(format!("{:x}", h.finalize()))
 }
 
 #[cfg(test)]

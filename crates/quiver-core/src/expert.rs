@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{candle_msg, Error, Result};
 use crate::lora::{Lora, LoraConfig};
-use crate::models::weights::load_safetensors;
+use crate::models::weights::load_safetensors_bytes;
 use crate::models::Llama;
 
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -61,16 +61,30 @@ pub struct Expert {
     pub info: Option<ExpertInfo>,
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Json {
+fn parse_json<T: serde::de::DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Json {
         path: path.to_path_buf(),
         source: e,
     })
 }
 
-/// Splits a PEFT tensor name into (module name, "A" | "B").
-fn parse_peft_key(key: &str) -> Option<(String, char)> {
+/// The number of NaN and infinite entries of a tensor.
+fn non_finite(t: &Tensor) -> Result<usize> {
+    let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    Ok(v.iter().filter(|x| !x.is_finite()).count())
+}
+
+/// The bytes of an expert's files (`quiver_expert.json` is optional).
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertFiles<'a> {
+    pub config: &'a [u8],
+    pub weights: &'a [u8],
+    pub info: Option<&'a [u8]>,
+}
+
+/// Splits a PEFT tensor name into (module name, "A" | "B"): the one parser
+/// of PEFT's key layout.
+pub(crate) fn parse_peft_key(key: &str) -> Option<(String, char)> {
     let key = key.strip_prefix("base_model.model.").unwrap_or(key);
     let key = key.strip_suffix(".weight")?;
     // `...q_proj.lora_A` or, with an adapter name kept, `...q_proj.lora_A.default`.
@@ -86,7 +100,8 @@ fn parse_peft_key(key: &str) -> Option<(String, char)> {
 }
 
 impl Expert {
-    /// Loads an expert (or any PEFT LoRA adapter directory).
+    /// Loads an expert (or any PEFT LoRA adapter directory). Every weight
+    /// must be finite: a NaN or an infinity is refused, naming the file.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::NotFound {
@@ -100,11 +115,6 @@ impl Expert {
                 dir.display()
             )));
         }
-        let config: LoraConfig = read_json(&cfg_path)?;
-        config.validate().map_err(|msg| Error::Config {
-            path: cfg_path.clone(),
-            msg,
-        })?;
         let w_path = dir.join(ADAPTER_WEIGHTS);
         if !w_path.is_file() {
             return Err(Error::invalid(format!(
@@ -112,7 +122,48 @@ impl Expert {
                 dir.display()
             )));
         }
-        let tensors = load_safetensors(&w_path, device)?;
+        let read = |p: &Path| std::fs::read(p).map_err(|e| Error::io(p, e));
+        let info_path = dir.join(EXPERT_INFO);
+        let info = if info_path.is_file() {
+            Some(read(&info_path)?)
+        } else {
+            None
+        };
+        let fallback = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "adapter".into());
+        Self::from_files(
+            &fallback,
+            dir,
+            &ExpertFiles {
+                config: &read(&cfg_path)?,
+                weights: &read(&w_path)?,
+                info: info.as_deref(),
+            },
+            device,
+            dtype,
+        )
+    }
+
+    /// An expert from the bytes of its files; `dir` names them in errors
+    /// (a directory, or a library's location of the expert) and `fallback`
+    /// is its name when it has no `quiver_expert.json`.
+    pub fn from_files(
+        fallback: &str,
+        dir: &Path,
+        files: &ExpertFiles<'_>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let cfg_path = dir.join(ADAPTER_CONFIG);
+        let config: LoraConfig = parse_json(&cfg_path, files.config)?;
+        config.validate().map_err(|msg| Error::Config {
+            path: cfg_path.clone(),
+            msg,
+        })?;
+        let w_path = dir.join(ADAPTER_WEIGHTS);
+        let tensors = load_safetensors_bytes(&w_path, files.weights, device)?;
         let mut a: HashMap<String, Tensor> = HashMap::new();
         let mut b: HashMap<String, Tensor> = HashMap::new();
         for (key, t) in tensors {
@@ -127,6 +178,16 @@ impl Expert {
                 return Err(Error::Safetensors {
                     path: w_path.clone(),
                     msg: format!("tensor `{key}` has shape {:?}, expected a matrix", t.dims()),
+                });
+            }
+            let bad = non_finite(&t)?;
+            if bad > 0 {
+                return Err(Error::Safetensors {
+                    path: w_path.clone(),
+                    msg: format!(
+                        "tensor `{key}` holds {bad} non-finite value(s) (NaN or infinity) out of {}; the adapter is damaged",
+                        t.elem_count()
+                    ),
                 });
             }
             if which == 'A' { &mut a } else { &mut b }.insert(module, t);
@@ -164,18 +225,13 @@ impl Expert {
                 msg: "no LoRA weights".into(),
             });
         }
-        let info_path = dir.join(EXPERT_INFO);
-        let info: Option<ExpertInfo> = if info_path.is_file() {
-            Some(read_json(&info_path)?)
-        } else {
-            None
+        let info: Option<ExpertInfo> = match files.info {
+            Some(bytes) => Some(parse_json(&dir.join(EXPERT_INFO), bytes)?),
+            None => None,
         };
         let name = match &info {
             Some(i) => i.name.clone(),
-            None => dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "adapter".into()),
+            None => fallback.to_string(),
         };
         Ok(Self {
             name,
@@ -278,6 +334,33 @@ impl Expert {
         Ok(())
     }
 
+    /// Checks the expert was made for this base model: Quiver's own
+    /// fingerprint when the expert records one, else a PEFT adapter's
+    /// `base_model_name_or_path` against the model's names
+    /// ([`base_name_matches`]).
+    pub fn check_base(&self, fingerprint: &str, model_names: &[String]) -> Result<()> {
+        if let Some(info) = &self.info {
+            if info.base_model.fingerprint != fingerprint {
+                return Err(Error::invalid(format!(
+                    "expert `{}` was trained on base model `{}` (fingerprint {}), not on this model (fingerprint {}); pass --allow-base-mismatch to use it anyway",
+                    self.name,
+                    info.base_model.id,
+                    short(&info.base_model.fingerprint),
+                    short(fingerprint)
+                )));
+            }
+            return Ok(());
+        }
+        match &self.config.base_model_name_or_path {
+            Some(b) if !base_name_matches(b, model_names) => Err(Error::invalid(format!(
+                "adapter `{}` was made for base model `{b}` (base_model_name_or_path in its {ADAPTER_CONFIG}), but this model is `{}`; pass --allow-base-mismatch if they are the same weights",
+                self.name,
+                model_names.first().map(String::as_str).unwrap_or("?")
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Puts this expert's LoRAs on the model's linear layers (replacing any
     /// adapter there) after [`Expert::check_fits`].
     pub fn attach(&self, model: &mut Llama, fingerprint: Option<&str>) -> Result<()> {
@@ -297,6 +380,117 @@ impl Expert {
         }
         Ok(())
     }
+}
+
+/// Whether a PEFT adapter's `base_model_name_or_path` names the model
+/// known as `model_names` (its `--model` spec, Hub id, file or directory
+/// name): compared on the last path component, lower-cased, letters and
+/// digits only, one a prefix of the other (`SmolLM2-135M` matches
+/// `smollm2-135m.Q8_0.gguf` and a converted directory `smollm2`). `true`
+/// when either side is unknown: then there is nothing to check.
+pub fn base_name_matches(adapter_base: &str, model_names: &[String]) -> bool {
+    fn norm(s: &str) -> String {
+        let last = s
+            .trim_end_matches(['/', '\\'])
+            .rsplit(['/', '\\'])
+            .next()
+            .unwrap_or("");
+        let last = last.strip_suffix(".gguf").unwrap_or(last);
+        last.chars()
+            .filter(char::is_ascii_alphanumeric)
+            .map(|c| c.to_ascii_lowercase())
+            .collect()
+    }
+    let b = norm(adapter_base);
+    let names: Vec<String> = model_names
+        .iter()
+        .map(|n| norm(n))
+        .filter(|n| !n.is_empty())
+        .collect();
+    b.is_empty()
+        || names.is_empty()
+        || names
+            .iter()
+            .any(|n| n.starts_with(b.as_str()) || b.starts_with(n.as_str()))
+}
+
+/// Checks that experts can be routed, merged or clustered together: at
+/// least one, unique names, one LoRA rank, one base model (where they
+/// record it), the same modules with the same shapes. The one such check:
+/// routing, merging and MBC all call it.
+pub fn check_compatible(experts: &[Expert]) -> Result<()> {
+    const NEED: &str = "routing, merging and clustering need";
+    let Some(first) = experts.first() else {
+        return Err(Error::invalid(
+            "there are no experts to route between, merge or cluster (the library is empty)",
+        ));
+    };
+    let mut names = std::collections::BTreeSet::new();
+    for e in experts {
+        if !names.insert(e.name.as_str()) {
+            return Err(Error::invalid(format!(
+                "two experts are named `{}`; expert names must be unique",
+                e.name
+            )));
+        }
+    }
+    for e in &experts[1..] {
+        if e.config.rank != first.config.rank {
+            return Err(Error::invalid(format!(
+                "experts have different LoRA ranks (`{}`: r = {}, `{}`: r = {}); {NEED} experts of one rank",
+                first.name, first.config.rank, e.name, e.config.rank
+            )));
+        }
+    }
+    let with_info: Vec<(&Expert, &BaseModelId)> = experts
+        .iter()
+        .filter_map(|e| e.info.as_ref().map(|i| (e, &i.base_model)))
+        .collect();
+    if let Some((a, ba)) = with_info.first() {
+        for (b, bb) in &with_info[1..] {
+            if bb.fingerprint != ba.fingerprint {
+                return Err(Error::invalid(format!(
+                    "experts were trained on different base models (`{}` on `{}`, fingerprint {}; `{}` on `{}`, fingerprint {}); {NEED} experts of one base model",
+                    a.name,
+                    ba.id,
+                    short(&ba.fingerprint),
+                    b.name,
+                    bb.id,
+                    short(&bb.fingerprint)
+                )));
+            }
+        }
+    }
+    for e in &experts[1..] {
+        let missing = first.weights.keys().find(|m| !e.weights.contains_key(*m));
+        let extra = e.weights.keys().find(|m| !first.weights.contains_key(*m));
+        let (m, has, lacks) = match (missing, extra) {
+            (Some(m), _) => (m, first, e),
+            (None, Some(m)) => (m, e, first),
+            (None, None) => {
+                for (m, (a, b)) in &e.weights {
+                    let (a0, b0) = &first.weights[m];
+                    if a.dims() != a0.dims() || b.dims() != b0.dims() {
+                        return Err(Error::invalid(format!(
+                            "experts have different shapes for module `{m}` (`{}`: A {:?}, B {:?}; `{}`: A {:?}, B {:?})",
+                            first.name,
+                            a0.dims(),
+                            b0.dims(),
+                            e.name,
+                            a.dims(),
+                            b.dims()
+                        )));
+                    }
+                }
+                continue;
+            }
+        };
+        return Err(Error::invalid(format!(
+            "experts adapt different modules: expert `{}` does not adapt module `{m}`, which expert `{}` adapts; {NEED} experts with the same target modules",
+            lacks.name, has.name
+        )));
+    }
+    Ok(())
 }
 
 /// Checks an expert name: non-empty, no path separators, no leading dot,
@@ -366,6 +560,27 @@ pub fn model_fingerprint(model: &Llama) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base_names_match_across_spellings_and_refuse_other_models() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let smol = names(&[
+            "smollm2-135m",
+            "/cache/models/smollm2-135m/SmolLM2-135M.Q8_0.gguf",
+        ]);
+        assert!(base_name_matches("HuggingFaceTB/SmolLM2-135M", &smol));
+        assert!(base_name_matches("/tmp/work/smollm2", &smol));
+        assert!(!base_name_matches("meta-llama/Llama-2-7b-hf", &smol));
+        let tiny = names(&["/repo/tests/fixtures/tiny_qwen2"]);
+        assert!(!base_name_matches("tiny_llama", &tiny));
+        assert!(base_name_matches(
+            "tiny_llama",
+            &names(&["fixtures/tiny_llama/"])
+        ));
+        // Nothing to compare: no check.
+        assert!(base_name_matches("", &smol));
+        assert!(base_name_matches("x", &[]));
+    }
 
     #[test]
     fn peft_keys_parse() {

@@ -11,6 +11,7 @@ pub mod eval;
 pub mod expert;
 pub mod fsutil;
 pub mod generate;
+pub mod hash;
 pub mod kernels;
 pub mod library;
 pub mod lora;

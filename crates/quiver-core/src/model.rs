@@ -57,12 +57,29 @@ pub struct LoadedModel {
     pub model: Llama,
     pub tokenizer: Tokenizer,
     pub source: ModelSource,
+    /// The names the model goes by (the `--model` spec, its Hub id for a
+    /// built-in name, its file or directory): what a PEFT adapter's
+    /// `base_model_name_or_path` is checked against.
+    pub names: Vec<String>,
 }
+
+/// The Hugging Face Hub ids of the built-in models.
+const BUILTIN_HUB_IDS: &[(&str, &str)] = &[("smollm2-135m", "HuggingFaceTB/SmolLM2-135M")];
 
 /// Loads a model by `--model` argument onto `device`, in `dtype`.
 pub fn load(spec: &str, device: &Device, dtype: DType) -> Result<LoadedModel> {
     let source = ModelSource::resolve(spec)?;
-    load_source(source, device, dtype)
+    let mut lm = load_source(source, device, dtype)?;
+    let mut names = vec![spec.to_string()];
+    names.extend(
+        BUILTIN_HUB_IDS
+            .iter()
+            .filter(|(n, _)| *n == spec)
+            .map(|(_, id)| id.to_string()),
+    );
+    names.append(&mut lm.names);
+    lm.names = names;
+    Ok(lm)
 }
 
 pub fn load_source(source: ModelSource, device: &Device, dtype: DType) -> Result<LoadedModel> {
@@ -90,6 +107,7 @@ pub fn load_source(source: ModelSource, device: &Device, dtype: DType) -> Result
             Ok(LoadedModel {
                 model,
                 tokenizer,
+                names: vec![source.path().display().to_string()],
                 source,
             })
         }
@@ -107,6 +125,7 @@ pub fn load_source(source: ModelSource, device: &Device, dtype: DType) -> Result
             Ok(LoadedModel {
                 model,
                 tokenizer,
+                names: vec![source.path().display().to_string()],
                 source,
             })
         }

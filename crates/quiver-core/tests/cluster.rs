@@ -6,12 +6,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use quiver_core::expert::{BaseModelId, Expert, ExpertInfo, LoraWeights};
+use quiver_core::library::ExpertLibrary;
 use quiver_core::lora::LoraConfig;
 use quiver_core::transform::{
-    adjusted_rand_index, cluster, load_library_experts, mbc_embed, plot_similarity,
-    similarity_matrix, ClusterConfig, ClusterMethod, Clustering,
+    adjusted_rand_index, cluster, mbc_embed, plot_similarity, similarity_matrix, ClusterConfig,
+    ClusterMethod, Clustering,
 };
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -288,7 +289,8 @@ fn library_round_trip_aux_data_and_plot() {
     let lib = tmp.path().join("lib");
     write_library(&lib, &experts);
     std::fs::create_dir_all(lib.join(".staging/ignored")).unwrap();
-    let loaded = load_library_experts(&lib).unwrap();
+    let library = ExpertLibrary::open(&lib.display().to_string()).unwrap();
+    let loaded = library.load_experts(&Device::Cpu, DType::F32).unwrap();
     assert_eq!(loaded.len(), experts.len());
     let cfg = mbc(3);
     let c = cluster(&loaded, &cfg).unwrap();
@@ -305,30 +307,42 @@ fn library_round_trip_aux_data_and_plot() {
     assert_eq!(json["experts"].as_array().unwrap().len(), 18);
     assert!(json["clusters"]["cluster_1"].is_array());
 
-    assert_eq!(Clustering::load_from_library(&lib, &cfg).unwrap(), None);
-    let aux = c.store_in_library(&lib).unwrap();
-    assert!(aux.starts_with(lib.join(".aux")), "{}", aux.display());
-    assert!(aux
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .starts_with("clusters-"));
+    let names = c.experts.clone();
     assert_eq!(
-        Clustering::load_from_library(&lib, &cfg).unwrap(),
+        Clustering::load_from_library(&library, &cfg, &names).unwrap(),
+        None
+    );
+    let aux = c.store_in_library(&library).unwrap();
+    let aux_dir = lib.join(".aux").display().to_string();
+    assert!(aux.starts_with(&aux_dir), "{aux}");
+    assert!(
+        aux.contains("/clusters-") && aux.ends_with("/clustering.json"),
+        "{aux}"
+    );
+    assert_eq!(
+        Clustering::load_from_library(&library, &cfg, &names).unwrap(),
         Some(c.clone())
     );
     // The aux directory is not taken for an expert.
-    assert_eq!(load_library_experts(&lib).unwrap().len(), experts.len());
-    // A different configuration has a different key.
-    assert_ne!(
-        Clustering::library_path(&lib, &cfg),
-        Clustering::library_path(
-            &lib,
-            &ClusterConfig {
-                seed: 1,
-                ..cfg.clone()
-            }
-        )
+    assert_eq!(
+        library
+            .load_experts(&Device::Cpu, DType::F32)
+            .unwrap()
+            .len(),
+        experts.len()
+    );
+    // A different configuration, or other experts, is another key.
+    let other = ClusterConfig {
+        seed: 1,
+        ..cfg.clone()
+    };
+    assert_eq!(
+        Clustering::load_from_library(&library, &other, &names).unwrap(),
+        None
+    );
+    assert_eq!(
+        Clustering::load_from_library(&library, &cfg, &names[1..]).unwrap(),
+        None
     );
 
     let png = tmp.path().join("clusters.png");
@@ -377,16 +391,20 @@ fn bad_input_gives_one_clear_sentence() {
     let e = err(cluster(&[], &mbc(1)));
     assert!(e.contains("no experts"), "{e}");
     let tmp = tempfile::tempdir().unwrap();
-    let e = load_library_experts(tmp.path()).unwrap_err().to_string();
+    let lib = ExpertLibrary::open(&tmp.path().display().to_string()).unwrap();
+    let e = lib
+        .load_experts(&Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
     println!("{e}");
     assert!(
         e.contains("has no experts") && e.contains(&tmp.path().display().to_string()),
         "{e}"
     );
-    let e = load_library_experts(&tmp.path().join("missing"))
+    let e = ExpertLibrary::open(&tmp.path().join("missing").display().to_string())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("no such file or directory"), "{e}");
+    assert!(e.contains("no such directory"), "{e}");
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let mut mixed = experts.clone();

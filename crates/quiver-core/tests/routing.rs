@@ -14,19 +14,46 @@ use candle_core::{DType, Device, Tensor};
 use common::fixture;
 use quiver_core::data::Example;
 use quiver_core::expert::{Expert, ExpertInfo};
+use quiver_core::library::ExpertLibrary;
 use quiver_core::lora::{LinearAdapter, Lora, LoraConfig, TargetModules};
 use quiver_core::model::{load_source, ModelSource};
 use quiver_core::models::weights::tiny_config;
 use quiver_core::models::{Llama, WeightMap};
 use quiver_core::routing::{
     self, arrow_prototypes, arrow_prototypes_cached, check_compatible, gen_know_sub, install,
-    learned_prototypes_cached, oracle_route, ExampleSource, LibraryDir, MixMode, Prototypes, Route,
+    learned_prototypes_cached, oracle_expert, ExampleSource, MixMode, Prototypes, Route,
     RouteDecision, RouteObserver, RouteOptions, RoutePath, SelectorKind, SvdMethod,
 };
 use quiver_core::score::{encode_pair, score_batch};
 use rand::{Rng, SeedableRng};
 
 // ---------------------------------------------------------------- helpers
+
+/// A library opened with every expert loaded (each checked).
+#[derive(Debug)]
+struct Opened {
+    lib: ExpertLibrary,
+    experts: Vec<Expert>,
+}
+
+impl std::ops::Deref for Opened {
+    type Target = ExpertLibrary;
+    fn deref(&self) -> &ExpertLibrary {
+        &self.lib
+    }
+}
+
+impl Opened {
+    fn names(&self) -> Vec<String> {
+        self.experts.iter().map(|e| e.name.clone()).collect()
+    }
+}
+
+fn open_library(dir: &std::path::Path) -> quiver_core::Result<Opened> {
+    let lib = ExpertLibrary::open(&dir.display().to_string())?;
+    let experts = lib.load_experts(&Device::Cpu, DType::F32)?;
+    Ok(Opened { lib, experts })
+}
 
 fn randn(rng: &mut rand::rngs::StdRng, shape: (usize, usize), std: f32) -> Tensor {
     let n = shape.0 * shape.1;
@@ -161,7 +188,7 @@ fn one_minus_abs_cos(a: &[f32], b: &[f64]) -> f64 {
 #[test]
 fn arrow_prototypes_equal_dense_svd_and_peft() {
     let exp = arrow_expected();
-    let lib = LibraryDir::open(&fixture("arrow/library"), &Device::Cpu, DType::F32).unwrap();
+    let lib = open_library(&fixture("arrow/library")).unwrap();
     assert_eq!(lib.names(), exp.experts);
     for method in [SvdMethod::CholeskyQr, SvdMethod::Qr] {
         let protos = arrow_prototypes(&lib.experts, method).unwrap();
@@ -224,7 +251,7 @@ fn arrow_top2_output_mix_scores_like_peft_create_arrow_model() {
     }
     let tmp = tempfile::tempdir().unwrap();
     copy_dir(&fixture("arrow/library"), tmp.path());
-    let lib = LibraryDir::open(tmp.path(), &Device::Cpu, DType::F32).unwrap();
+    let lib = open_library(tmp.path()).unwrap();
     let (protos, stats) = arrow_prototypes_cached(&lib, &lib.experts, &[]).unwrap();
     assert_eq!((stats.computed, stats.cached), (4, 0));
     for path in [RoutePath::Fast, RoutePath::Grouped, RoutePath::Reference] {
@@ -545,11 +572,11 @@ fn oracle_and_single_expert_routes() {
     let mut experts = random_library(&model, 3, 7);
     experts[2].info.as_mut().unwrap().tasks = vec!["task_of_e001".into(), "x".into()];
     assert_eq!(
-        oracle_route(&experts, "task_of_e001").unwrap(),
-        "expert:e001"
+        oracle_expert(&experts, "task_of_e001").unwrap().name,
+        "e001"
     );
-    assert_eq!(oracle_route(&experts, "x").unwrap(), "expert:e002");
-    let e = oracle_route(&experts, "nope").unwrap_err().to_string();
+    assert_eq!(oracle_expert(&experts, "x").unwrap().name, "e002");
+    let e = oracle_expert(&experts, "nope").unwrap_err().to_string();
     assert!(
         e.contains("no expert of the library was trained on task `nope`"),
         "{e}"
@@ -643,7 +670,7 @@ fn mu_and_phatgoose_prototypes_are_computed_cached_and_routable() {
     .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     copy_dir(&fixture("arrow/library"), tmp.path());
-    let lib = LibraryDir::open(tmp.path(), &Device::Cpu, DType::F32).unwrap();
+    let lib = open_library(tmp.path()).unwrap();
     let calls = Mutex::new(0usize);
     let get = |e: &Expert| -> quiver_core::Result<Vec<Example>> {
         *calls.lock().unwrap() += 1;
@@ -790,7 +817,7 @@ fn phatgoose_trains_one_gate_per_layer_and_leaves_the_model_clean() {
         DType::F32,
     )
     .unwrap();
-    let lib = LibraryDir::open(&fixture("arrow/library"), &Device::Cpu, DType::F32).unwrap();
+    let lib = open_library(&fixture("arrow/library")).unwrap();
     let cfg = routing::PhatgooseConfig {
         steps: 30,
         ..Default::default()
@@ -817,29 +844,22 @@ fn phatgoose_trains_one_gate_per_layer_and_leaves_the_model_clean() {
 fn arrow_cache_is_keyed_by_config_and_weights() {
     let tmp = tempfile::tempdir().unwrap();
     copy_dir(&fixture("arrow/library"), tmp.path());
-    let lib = LibraryDir::open(tmp.path(), &Device::Cpu, DType::F32).unwrap();
+    let lib = open_library(tmp.path()).unwrap();
     let (p1, s1) = arrow_prototypes_cached(&lib, &lib.experts, &[]).unwrap();
     assert_eq!((s1.computed, s1.cached), (4, 0));
-    assert!(s1.cache_dir.starts_with(tmp.path().join(".aux")));
-    assert!(s1
-        .cache_dir
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .starts_with("arrow-"));
+    let aux = tmp.path().join(".aux").display().to_string();
+    assert!(
+        s1.cache_dir.starts_with(&format!("{aux}/arrow-")),
+        "{}",
+        s1.cache_dir
+    );
     let (p2, s2) = arrow_prototypes_cached(&lib, &lib.experts, &[]).unwrap();
     assert_eq!((s2.computed, s2.cached), (0, 4));
     for (m, t) in &p1.layers {
         assert_eq!(max_diff(t, &p2.layers[m]), 0.0);
     }
     // A '.aux' directory is not an expert.
-    assert_eq!(
-        LibraryDir::open(tmp.path(), &Device::Cpu, DType::F32)
-            .unwrap()
-            .experts
-            .len(),
-        4
-    );
+    assert_eq!(open_library(tmp.path()).unwrap().experts.len(), 4);
     // GenKnowSub is another configuration: another cache.
     let gks = vec!["task_d".to_string()];
     let sub = gen_know_sub(&lib.experts, &gks).unwrap();
@@ -854,7 +874,7 @@ fn arrow_cache_is_keyed_by_config_and_weights() {
     }
     std::fs::remove_dir_all(tmp.path().join("task_a")).unwrap();
     changed.save(&tmp.path().join("task_a")).unwrap();
-    let lib = LibraryDir::open(tmp.path(), &Device::Cpu, DType::F32).unwrap();
+    let lib = open_library(tmp.path()).unwrap();
     let (_, s4) = arrow_prototypes_cached(&lib, &lib.experts, &[]).unwrap();
     assert_eq!((s4.computed, s4.cached), (1, 3));
 }
@@ -983,19 +1003,20 @@ fn bad_input_is_one_sentence() {
     assert!(e.contains("expected `output` or `factor`"), "{e}");
     // Not a library / an empty one.
     let tmp = tempfile::tempdir().unwrap();
-    let e = LibraryDir::open(&tmp.path().join("nope"), &Device::Cpu, DType::F32)
+    let e = open_library(&tmp.path().join("nope"))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("not an expert library"), "{e}");
-    let e = LibraryDir::open(tmp.path(), &Device::Cpu, DType::F32)
-        .unwrap_err()
-        .to_string();
+    assert!(e.contains("not a Quiver expert library"), "{e}");
+    let e = open_library(tmp.path()).unwrap_err().to_string();
     assert!(e.contains("has no experts"), "{e}");
     // An unknown expert names the known ones.
     let lib_dir = tmp.path().join("lib");
     copy_dir(&fixture("arrow/library"), &lib_dir);
-    let lib = LibraryDir::open(&lib_dir, &Device::Cpu, DType::F32).unwrap();
-    let e = lib.expert("zed").unwrap_err().to_string();
+    let lib = open_library(&lib_dir).unwrap();
+    let e = lib
+        .load_expert("zed", &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("has no expert `zed` (it has: task_a, task_b"),
         "{e}"

@@ -9,20 +9,22 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use quiver_core::routing::{self, ExampleSource, LibraryDir, RouteOptions, SelectorKind};
+use quiver_core::expert::model_fingerprint;
+use quiver_core::library::ExpertLibrary;
+use quiver_core::routing::{self, ExampleSource, RouteData, RouteOptions, SelectorKind};
 
 use crate::args::{GlobalArgs, ModelArgs};
 
 #[derive(Debug, Args)]
 pub struct ArrowArgs {
-    /// Expert library directory (default: $QUIVER_LIBRARY).
-    #[arg(long, env = "QUIVER_LIBRARY")]
-    pub library: std::path::PathBuf,
+    /// Expert library: a directory or `s3://bucket/prefix` (default: $QUIVER_LIBRARY).
+    #[arg(long, env = "QUIVER_LIBRARY", value_name = "DIR|s3://BUCKET/PREFIX")]
+    pub library: String,
     /// Which prototypes: `arrow` (from the weights alone), `mu` (mean hidden
     /// states) or `phatgoose` (trained gates); the last two run --model on
     /// each expert's own training data (--source).
-    #[arg(long, default_value = "arrow")]
-    pub kind: String,
+    #[arg(long, value_enum, default_value_t = KindArg::Arrow)]
+    pub kind: KindArg,
     /// GenKnowSub: comma-separated general experts subtracted from the others
     /// first (use the same list with `--route ... --gks`).
     #[arg(long, value_delimiter = ',')]
@@ -35,41 +37,59 @@ pub struct ArrowArgs {
     /// Seed of the train/validation/test split of that data.
     #[arg(long, default_value_t = 0)]
     pub split_seed: u64,
+    /// Use experts made for another base model than --model (mu / phatgoose).
+    #[arg(long)]
+    pub allow_base_mismatch: bool,
+}
+
+/// `--kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KindArg {
+    Arrow,
+    Mu,
+    Phatgoose,
 }
 
 pub fn run(g: &GlobalArgs, a: ArrowArgs) -> Result<ExitCode> {
-    let kind = match a.kind.as_str() {
-        "arrow" => SelectorKind::Arrow,
-        "mu" => SelectorKind::Mu,
-        "phatgoose" => SelectorKind::Phatgoose,
-        k => bail!("--kind `{k}`: expected arrow, mu or phatgoose"),
+    let kind = match a.kind {
+        KindArg::Arrow => SelectorKind::Arrow,
+        KindArg::Mu => SelectorKind::Mu,
+        KindArg::Phatgoose => SelectorKind::Phatgoose,
     };
     let start = Instant::now();
-    let device = super::parse_device(&a.model.device)?;
-    let dtype = super::parse_dtype(&a.model.dtype)?;
-    let (lib, n_experts, stats) = if kind == SelectorKind::Arrow {
-        let lib = LibraryDir::open(&a.library, &device, dtype)?;
-        let experts = routing::gen_know_sub(&lib.experts, &a.gks)?;
-        routing::check_compatible(&experts)?;
+    let lib = ExpertLibrary::open(&a.library)?;
+    let (n_experts, n_modules, stats) = if kind == SelectorKind::Arrow {
+        let device = a.model.device.device()?;
+        let all = lib.load_experts(&device, a.model.dtype.dtype())?;
+        routing::check_compatible(&all)?;
+        let experts = routing::gen_know_sub(&all, &a.gks)?;
         let (_, stats) = routing::arrow_prototypes_cached(&lib, &experts, &a.gks)?;
-        (lib, experts.len(), stats)
+        (experts.len(), all[0].weights.len(), stats)
     } else {
         let mut lm = super::load_model(g, &a.model)?;
-        let lib = LibraryDir::open(&a.library, &device, dtype)?;
-        let fp = quiver_core::expert::model_fingerprint(&lm.model)?;
-        lib.check_fits(&lm.model, Some(&fp))?;
-        let experts = routing::gen_know_sub(&lib.experts, &a.gks)?;
-        routing::check_compatible(&experts)?;
-        let get = super::route::examples_for(&a.source, a.split_seed);
+        let all = lib.load_experts(lm.model.device(), lm.model.dtype())?;
+        let fp = model_fingerprint(&lm.model)?;
+        for e in &all {
+            if !a.allow_base_mismatch {
+                e.check_base(&fp, &lm.names)?;
+            }
+            e.check_fits(&lm.model, None)?;
+        }
+        routing::check_compatible(&all)?;
+        let experts = routing::gen_know_sub(&all, &a.gks)?;
+        let data = RouteData {
+            source: a.source.clone(),
+            split_seed: a.split_seed,
+        };
+        let get = |e: &quiver_core::expert::Expert| data.examples(e);
         let src = ExampleSource {
-            id: super::route::example_source_id(&a.source, a.split_seed),
+            id: data.id(),
             examples: Some(&get),
         };
         let sp = crate::progress::spinner(
             g,
             &format!(
-                "computing {} prototypes for {} experts",
-                a.kind,
+                "computing {kind:?} prototypes for {} experts",
                 experts.len()
             ),
         );
@@ -88,13 +108,16 @@ pub fn run(g: &GlobalArgs, a: ArrowArgs) -> Result<ExitCode> {
         );
         sp.finish_and_clear();
         let (_, stats) = res?;
-        (lib, experts.len(), stats)
+        (experts.len(), all[0].weights.len(), stats)
     };
+    if n_experts == 0 {
+        bail!("library {} has no experts left after GenKnowSub", lib.uri());
+    }
     let v = serde_json::json!({
-        "kind": a.kind,
-        "library": lib.root(),
+        "kind": format!("{kind:?}").to_lowercase(),
+        "library": lib.uri(),
         "experts": n_experts,
-        "modules": lib.experts[0].weights.len(),
+        "modules": n_modules,
         "cache": stats.cache_dir,
         "computed": stats.computed,
         "cached": stats.cached,

@@ -11,9 +11,10 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use quiver_core::expert::Expert;
+use quiver_core::library::ExpertLibrary;
 use quiver_core::transform::{
-    cluster, library_expert_dirs, plot_similarity_named, ClusterConfig, ClusterMethod,
-    ClusterQuality, Clustering, Embedding,
+    cluster, plot_similarity_named, ClusterConfig, ClusterMethod, ClusterQuality, Clustering,
+    Embedding,
 };
 
 use crate::args::GlobalArgs;
@@ -36,12 +37,12 @@ runs on the rows of the cosine-similarity matrix. The clusters map to task lists
 expert per cluster on the union of its tasks with `quiver train --shared NAME --tasks ...`.\n\n\
 The output also reports the mean similarity of experts within a cluster and between clusters, \
 for MBC and for random clusters of the same experts, and stores the clustering in the library \
-(LIB/.aux/clusters-<hash of the settings>.json)."
+(LIB/.aux/clusters-<hash of the settings and experts>/clustering.json)."
 )]
 pub struct ClusterArgs {
-    /// Library directory: one sub-directory per expert (default: $QUIVER_LIBRARY).
-    #[arg(long, env = "QUIVER_LIBRARY")]
-    pub library: PathBuf,
+    /// Expert library: a directory or `s3://bucket/prefix` (default: $QUIVER_LIBRARY).
+    #[arg(long, env = "QUIVER_LIBRARY", value_name = "DIR|s3://BUCKET/PREFIX")]
+    pub library: String,
     /// How to group the experts.
     #[arg(long, value_enum, default_value_t = MethodArg::Mbc)]
     pub method: MethodArg,
@@ -83,10 +84,10 @@ pub enum EmbedArg {
     Weights,
 }
 
-fn load_experts(g: &GlobalArgs, a: &ClusterArgs) -> Result<Vec<Expert>> {
-    let dirs = library_expert_dirs(&a.library)?;
+fn load_experts(g: &GlobalArgs, lib: &ExpertLibrary) -> Result<Vec<Expert>> {
+    let names: Vec<String> = lib.list()?.into_iter().map(|e| e.name).collect();
     let pb = if crate::progress::enabled(g) {
-        let pb = ProgressBar::new(dirs.len() as u64);
+        let pb = ProgressBar::new(names.len() as u64);
         pb.set_style(
             ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({elapsed})")
                 .expect("valid template")
@@ -97,13 +98,11 @@ fn load_experts(g: &GlobalArgs, a: &ClusterArgs) -> Result<Vec<Expert>> {
     } else {
         ProgressBar::hidden()
     };
-    let mut experts = Vec::with_capacity(dirs.len());
-    for d in &dirs {
-        experts.push(Expert::load(d, &Device::Cpu, DType::F32)?);
-        pb.inc(1);
-    }
+    // Every expert, checked; one that `list` skipped (broken) fails here.
+    let experts = lib.load_experts(&Device::Cpu, DType::F32);
+    pb.set_position(names.len() as u64);
     pb.finish_and_clear();
-    Ok(experts)
+    Ok(experts?)
 }
 
 fn fmt_quality(q: Option<ClusterQuality>) -> (String, String) {
@@ -140,12 +139,13 @@ pub fn run(g: &GlobalArgs, a: ClusterArgs) -> Result<ExitCode> {
         },
     };
     cfg.validate()?;
-    let experts = load_experts(g, &a)?;
+    let lib = ExpertLibrary::open(&a.library)?;
+    let experts = load_experts(g, &lib)?;
     if a.k > experts.len() {
         bail!(
             "--k {} is larger than the number of experts in {} ({}); choose k <= {}",
             a.k,
-            a.library.display(),
+            a.library,
             experts.len(),
             experts.len()
         );
@@ -189,7 +189,7 @@ pub fn run(g: &GlobalArgs, a: ClusterArgs) -> Result<ExitCode> {
     let q_random = random.quality(s.as_deref());
 
     chosen.save(&a.out)?;
-    let aux = chosen.store_in_library(&a.library)?;
+    let aux = chosen.store_in_library(&lib)?;
     let scale = match (&a.plot, &s) {
         (Some(p), Some(s)) => Some(plot_similarity_named(
             p,
@@ -232,7 +232,7 @@ pub fn run(g: &GlobalArgs, a: ClusterArgs) -> Result<ExitCode> {
             let (w, b) = fmt_quality(q);
             eprintln!("  {label:<22} {w:>7}   {b:>7}");
         }
-        eprintln!("wrote {} (and {})", a.out.display(), aux.display());
+        eprintln!("wrote {} (and {})", a.out.display(), aux);
         if let (Some(p), Some(sc)) = (&a.plot, &scale) {
             eprintln!(
                 "wrote {}: rows/columns grouped by cluster (white lines), dark = {:.3}, bright >= {:.3}",

@@ -137,7 +137,7 @@ pub fn evaluate(g: &GlobalArgs, a: &EvalArgs) -> Result<EvalReport> {
     let mut summaries = std::collections::BTreeMap::new();
     let route = match &a.route.adapter {
         Some(p) => format!("adapter:{}", p.display()),
-        None => a.route.route.clone(),
+        None => a.route.route.to_string(),
     };
     let total: usize = tasks
         .iter()

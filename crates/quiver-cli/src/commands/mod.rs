@@ -15,8 +15,7 @@ mod train;
 
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use anyhow::Result;
 use quiver_core::LoadedModel;
 
 use crate::args::{Cli, Command, GlobalArgs, ModelArgs};
@@ -39,47 +38,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-pub fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        _ => {
-            let ordinal = match s.strip_prefix("cuda") {
-                Some("") => 0,
-                Some(rest) => rest
-                    .strip_prefix(':')
-                    .and_then(|n| n.parse().ok())
-                    .with_context(|| format!("--device `{s}`: expected cpu, cuda or cuda:N"))?,
-                None => bail!("--device `{s}`: expected cpu, cuda or cuda:N"),
-            };
-            Device::new_cuda(ordinal).with_context(|| {
-                format!("--device {s}: CUDA is not available (build with `--features cuda` on a machine with a GPU)")
-            })
-        }
-    }
-}
-
-pub fn parse_dtype(s: &str) -> Result<DType> {
-    match s {
-        "f32" => Ok(DType::F32),
-        "bf16" => Ok(DType::BF16),
-        "f16" => Ok(DType::F16),
-        _ => bail!("--dtype `{s}`: expected f32, bf16 or f16"),
-    }
-}
-
 /// Loads `--model` with a spinner.
 pub fn load_model(g: &GlobalArgs, m: &ModelArgs) -> Result<LoadedModel> {
-    let device = parse_device(&m.device)?;
-    let dtype = parse_dtype(&m.dtype)?;
+    let device = m.device.device()?;
     let sp = crate::progress::spinner(g, &format!("loading {}", m.model));
-    let quantize = match m.quantize.as_str() {
-        "none" => None,
-        "q8_0" | "q8" => Some(candle_core::quantized::GgmlDType::Q8_0),
-        "q4_1" | "q4" => Some(candle_core::quantized::GgmlDType::Q4_1),
-        other => bail!("--quantize `{other}`: expected none, q8_0 or q4_1"),
-    };
-    let mut loaded = quiver_core::load(&m.model, &device, dtype);
-    if let (Ok(lm), Some(q)) = (loaded.as_mut(), quantize) {
+    let mut loaded = quiver_core::load(&m.model, &device, m.dtype.dtype());
+    if let (Ok(lm), Some(q)) = (loaded.as_mut(), m.quantize.ggml()) {
         let n = lm.model.quantize(q)?;
         tracing::info!("{n} linear layers quantized to {q:?} for decoding");
     }

@@ -11,25 +11,24 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use quiver_core::data::{DataSource, DEFAULT_CAP};
-use quiver_core::expert::{model_fingerprint, validate_name, Expert};
+use quiver_core::expert::{model_fingerprint, Expert};
+use quiver_core::library::ExpertLibrary;
 use quiver_core::routing::{
-    self, ExampleSource, LibraryDir, MixMode, Route, RouteDecision, RouteObserver, RouteOptions,
-    SelectorKind, Usage,
+    self, MixMode, Route, RouteData, RouteDecision, RouteObserver, RouteOptions, RouteSpec, Usage,
 };
 use quiver_core::LoadedModel;
 
 #[derive(Debug, Args, Clone)]
 pub struct RouteArgs {
-    /// Expert library directory (default: $QUIVER_LIBRARY).
-    #[arg(long, env = "QUIVER_LIBRARY")]
-    pub library: Option<PathBuf>,
+    /// Expert library: a directory or `s3://bucket/prefix` (default: $QUIVER_LIBRARY).
+    #[arg(long, env = "QUIVER_LIBRARY", value_name = "DIR|s3://BUCKET/PREFIX")]
+    pub library: Option<String>,
     /// How to reuse the library: `base` (no adapter), `expert:NAME`, `oracle:TASK`
     /// (the expert trained on TASK), `uniform` (mean of the As and of the Bs),
     /// `uniform-dw` (mean of the updates BA), `ties` (TIES merge of the updates),
     /// or per-token routing: `arrow`, `mu` (mean hidden states), `phatgoose`.
-    #[arg(long, default_value = "base")]
-    pub route: String,
+    #[arg(long, default_value = "base", value_parser = parse_route)]
+    pub route: Route,
     /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors),
     /// e.g. one saved by Python PEFT, applied instead of --route.
     #[arg(long, conflicts_with = "route")]
@@ -42,8 +41,8 @@ pub struct RouteArgs {
     pub router_temperature: Option<f64>,
     /// How the chosen experts are combined: `output` (sum of w_e s B_e A_e x, as
     /// PEFT's Arrow) or `factor` (s (sum w_e B_e)(sum w_e A_e) x, as mttl).
-    #[arg(long, default_value = "output")]
-    pub mix: String,
+    #[arg(long, default_value = "output", value_parser = parse_mix)]
+    pub mix: MixMode,
     /// GenKnowSub: comma-separated general experts whose mean A and B are
     /// subtracted from every other expert, which alone are then routed or merged.
     #[arg(long, value_delimiter = ',')]
@@ -60,25 +59,47 @@ pub struct RouteArgs {
     /// Seed of the train/validation/test split of that data (as `quiver train --split-seed`).
     #[arg(long, default_value_t = 0)]
     pub route_split_seed: u64,
+    /// Use experts and adapters made for another base model (Quiver's recorded
+    /// fingerprint, or PEFT's base_model_name_or_path, differs from --model).
+    #[arg(long)]
+    pub allow_base_mismatch: bool,
 }
 
-/// The key under which mu and Phatgoose caches record their data.
-pub fn example_source_id(spec: &str, split_seed: u64) -> String {
-    let spec = match Path::new(spec).canonicalize() {
-        Ok(p) if !matches!(spec, "bigbench" | "olmo" | "olmo-tasks") => p.display().to_string(),
-        _ => spec.to_string(),
-    };
-    format!("{spec} split_seed={split_seed} cap={DEFAULT_CAP}")
+/// `--route` as clap parses it: [`Route`]'s own parser.
+pub fn parse_route(s: &str) -> Result<Route, String> {
+    s.parse().map_err(|e: quiver_core::Error| e.to_string())
 }
 
-/// An expert's own training examples from the data source `spec`.
-pub fn examples_for(
-    spec: &str,
-    split_seed: u64,
-) -> impl Fn(&Expert) -> quiver_core::Result<Vec<quiver_core::data::Example>> + '_ {
-    move |e: &Expert| {
-        let src = DataSource::from_spec(spec, &quiver_core::assets::quiver_home())?;
-        routing::expert_examples(&src, e, split_seed, DEFAULT_CAP)
+fn parse_mix(s: &str) -> Result<MixMode, String> {
+    s.parse().map_err(|e: quiver_core::Error| e.to_string())
+}
+
+impl RouteArgs {
+    /// The typed route these flags describe.
+    pub fn spec(&self) -> RouteSpec {
+        RouteSpec {
+            route: self.route.clone(),
+            options: RouteOptions {
+                top_k: self.top_k,
+                temperature: self.router_temperature,
+                mix: self.mix,
+                gks: self.gks.clone(),
+                ..RouteOptions::default()
+            },
+            data: RouteData {
+                source: self.route_data.clone(),
+                split_seed: self.route_split_seed,
+            },
+            allow_base_mismatch: self.allow_base_mismatch,
+        }
+    }
+
+    /// The `--library`, opened (local or S3), if given.
+    pub fn open_library(&self) -> Result<Option<ExpertLibrary>> {
+        Ok(match &self.library {
+            Some(uri) => Some(ExpertLibrary::open(uri)?),
+            None => None,
+        })
     }
 }
 
@@ -95,18 +116,18 @@ pub fn apply_route_observed(
     r: &RouteArgs,
     extra: Option<Arc<dyn RouteObserver>>,
 ) -> Result<()> {
-    let device = lm.model.device().clone();
-    let dtype = lm.model.dtype();
     if let Some(dir) = &r.adapter {
         if r.explain.is_some() {
             bail!("--explain shows per-token routing; an --adapter is the same for every token");
         }
-        let expert = Expert::load(dir, &device, dtype)?;
+        let expert = Expert::load(dir, lm.model.device(), lm.model.dtype())?;
+        if !r.allow_base_mismatch {
+            expert.check_base(&model_fingerprint(&lm.model)?, &lm.names)?;
+        }
         expert.attach(&mut lm.model, None)?;
         return Ok(());
     }
-    let route: Route = r.route.parse()?;
-    let mix: MixMode = r.mix.parse()?;
+    let route = &r.route;
     if extra.is_some() && route.selector_kind().is_none() {
         bail!(
             "--routing-summary sums per-token routing; route `{route}` is the same for every token (use arrow, mu or phatgoose)"
@@ -117,80 +138,7 @@ pub fn apply_route_observed(
             "--explain shows per-token routing; route `{route}` is the same for every token (use arrow, mu or phatgoose)"
         );
     }
-    if route == Route::Base {
-        return Ok(());
-    }
-    let lib_path = r
-        .library
-        .as_ref()
-        .with_context(|| format!("--route {route} needs --library (or $QUIVER_LIBRARY)"))?;
-    if let Route::Expert(name) = &route {
-        // One expert: load only its directory, so the rest of the library
-        // (other base models, half-written experts) does not matter.
-        validate_name(name)?;
-        let dir = lib_path.join(name);
-        if !dir.is_dir() {
-            bail!("library {} has no expert `{name}`", lib_path.display());
-        }
-        let expert = Expert::load(&dir, &device, dtype)?;
-        let fp = model_fingerprint(&lm.model)?;
-        expert.attach(&mut lm.model, Some(&fp))?;
-        return Ok(());
-    }
-    let lib = LibraryDir::open(lib_path, &device, dtype)?;
-    let fp = model_fingerprint(&lm.model)?;
-    lib.check_fits(&lm.model, Some(&fp))?;
-    routing::check_compatible(&lib.experts)?;
-    let experts = routing::gen_know_sub(&lib.experts, &r.gks)?;
-    if let Some(k) = r.top_k {
-        routing::router::check_top_k(k, experts.len())?;
-    }
-    if let Some(t) = r.router_temperature {
-        routing::router::check_temperature(t)?;
-    }
-    let opts = RouteOptions {
-        top_k: r.top_k,
-        temperature: r.router_temperature,
-        mix,
-        gks: r.gks.clone(),
-        ..RouteOptions::default()
-    };
-    let protos = match route.selector_kind() {
-        None => None,
-        Some(SelectorKind::Arrow) => {
-            let (p, stats) = routing::arrow_prototypes_cached(&lib, &experts, &r.gks)?;
-            tracing::info!(
-                "arrow prototypes: {} cached, {} computed ({})",
-                stats.cached,
-                stats.computed,
-                stats.cache_dir.display()
-            );
-            Some(p)
-        }
-        Some(kind) => {
-            let get = examples_for(&r.route_data, r.route_split_seed);
-            let src = ExampleSource {
-                id: example_source_id(&r.route_data, r.route_split_seed),
-                examples: Some(&get),
-            };
-            let (p, stats) = routing::learned_prototypes_cached(
-                &lib,
-                &experts,
-                kind,
-                &mut lm.model,
-                &lm.tokenizer,
-                &src,
-                &opts,
-            )?;
-            tracing::info!(
-                "{route} prototypes: {} cached, {} computed ({})",
-                stats.cached,
-                stats.computed,
-                stats.cache_dir.display()
-            );
-            Some(p)
-        }
-    };
+    let library = r.open_library()?;
     let explain = match &r.explain {
         Some(path) => Some(Arc::new(Explain::create(path)?)),
         None => None,
@@ -199,18 +147,19 @@ pub fn apply_route_observed(
         (Some(a), Some(b)) => Some(Arc::new(routing::Fanout(vec![a, b])) as Arc<dyn RouteObserver>),
         (a, b) => a.or(b),
     };
-    let installed = routing::install(
-        &mut lm.model,
-        &experts,
-        &route,
-        protos.as_ref(),
-        &opts,
-        observer,
-    )?;
-    if let (Some(e), Some(u)) = (&explain, &installed.usage) {
+    let session = routing::install_route(lm, library.as_ref(), &r.spec(), observer)?;
+    if let Some(p) = &session.prototypes {
+        tracing::info!(
+            "{route} prototypes: {} cached, {} computed ({})",
+            p.cached,
+            p.computed,
+            p.cache_dir
+        );
+    }
+    if let (Some(e), Some(u)) = (&explain, &session.installed.usage) {
         *e.usage.lock().expect("explain") = Some(u.clone());
     }
-    tracing::info!("{}", installed.description);
+    tracing::info!("{}", session.installed.description);
     Ok(())
 }
 

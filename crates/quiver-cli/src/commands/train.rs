@@ -203,11 +203,10 @@ pub fn run(g: &GlobalArgs, mut a: TrainArgs) -> Result<ExitCode> {
     let library = quiver_core::library::ExpertLibrary::open_or_create(&a.library)?;
     // Checkpoints stay on local disk: next to a local library, under
     // $QUIVER_HOME for a remote one.
-    let staging_root = match library.local_path("x") {
-        Some(_) => std::path::PathBuf::from(&a.library).join(".staging"),
+    let staging_root = match library.root() {
+        Some(root) => root.join(".staging"),
         None => {
-            use sha2::Digest;
-            let h = format!("{:x}", sha2::Sha256::digest(a.library.as_bytes()));
+            let h = quiver_core::hash::sha256_hex(a.library.as_bytes());
             home.join("staging").join(&h[..16])
         }
     };

@@ -26,8 +26,13 @@ pub enum LibraryError {
         supported: u32,
     },
 
-    #[error("library {library} has no expert `{name}`")]
-    NoSuchExpert { library: String, name: String },
+    /// `known`: " (it has: a, b, ...)" or empty.
+    #[error("library {library} has no expert `{name}`{known}")]
+    NoSuchExpert {
+        library: String,
+        name: String,
+        known: String,
+    },
 
     #[error("library {library} already has an expert `{name}`")]
     Duplicate { library: String, name: String },

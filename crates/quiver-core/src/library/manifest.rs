@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::error::{LibraryError, LibraryResult};
 use crate::expert::{BaseModelId, ExpertInfo};
@@ -24,7 +23,7 @@ pub struct FileDigest {
 impl FileDigest {
     pub fn of(bytes: &[u8]) -> Self {
         Self {
-            sha256: sha256_hex(bytes),
+            sha256: crate::hash::sha256_hex(bytes),
             size: bytes.len() as u64,
         }
     }
@@ -53,6 +52,12 @@ pub struct ExpertManifest {
     pub added: u64,
     /// Every file of the expert but the manifest itself.
     pub files: BTreeMap<String, FileDigest>,
+    /// sha256 of the canonical JSON of every other field: the manifest's
+    /// own checksum, so an edit of its metadata (rank, alpha, target
+    /// modules, base model, the file digests) is caught by `verify` and on
+    /// load. Absent in manifests written before Quiver sealed them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal: Option<String>,
 }
 
 impl ExpertManifest {
@@ -76,7 +81,23 @@ impl ExpertManifest {
             created: info.map(|i| i.created).unwrap_or(0),
             added: 0,
             files: BTreeMap::new(),
+            seal: None,
         }
+    }
+
+    /// The checksum [`ExpertManifest::seal`] records for the current fields.
+    pub(crate) fn compute_seal(&self) -> String {
+        let mut v = serde_json::to_value(self).expect("manifest serialises");
+        if let serde_json::Value::Object(map) = &mut v {
+            map.remove("seal");
+        }
+        crate::hash::sha256_hex(crate::hash::canonical_json(&v).as_bytes())
+    }
+
+    /// Records the checksum of the fields as they are now.
+    pub(crate) fn sealed(mut self) -> Self {
+        self.seal = Some(self.compute_seal());
+        self
     }
 
     pub(crate) fn parse(bytes: &[u8], location: &str) -> LibraryResult<Self> {
@@ -90,6 +111,19 @@ impl ExpertManifest {
                 reason: format!("format is `{}`, not `{EXPERT_FORMAT}`", m.format),
             });
         }
+        if let Some(seal) = &m.seal {
+            let got = m.compute_seal();
+            if &got != seal {
+                return Err(LibraryError::Corrupt {
+                    location: location.to_string(),
+                    reason: format!(
+                        "its fields were edited after it was written (their checksum is {}…, the manifest records {}…)",
+                        &got[..12],
+                        &seal[..seal.len().min(12)]
+                    ),
+                });
+            }
+        }
         Ok(m)
     }
 
@@ -97,26 +131,6 @@ impl ExpertManifest {
     pub fn size(&self) -> u64 {
         self.files.values().map(|d| d.size).sum()
     }
-}
-
-pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
-    format!("{:x}", Sha256::digest(bytes))
-}
-
-/// Splits a PEFT tensor name into (module name, 'A' | 'B'), as
-/// [`crate::expert::Expert::load`] reads them.
-fn peft_module(key: &str) -> Option<(String, char)> {
-    let key = key.strip_prefix("base_model.model.").unwrap_or(key);
-    let key = key.strip_suffix(".weight")?;
-    for (marker, which) in [(".lora_A", 'A'), (".lora_B", 'B')] {
-        if let Some(idx) = key.rfind(marker) {
-            let rest = &key[idx + marker.len()..];
-            if rest.is_empty() || (rest.starts_with('.') && !rest[1..].contains('.')) {
-                return Some((key[..idx].to_string(), which));
-            }
-        }
-    }
-    None
 }
 
 /// `[out, in]` of every adapted layer, from a PEFT safetensors file's
@@ -134,7 +148,7 @@ pub(crate) fn modules_from_safetensors(
     let mut ins: BTreeMap<String, usize> = BTreeMap::new();
     let mut outs: BTreeMap<String, usize> = BTreeMap::new();
     for (key, info) in meta.tensors() {
-        let Some((module, which)) = peft_module(&key) else {
+        let Some((module, which)) = crate::expert::parse_peft_key(&key) else {
             continue;
         };
         let &[rows, cols] = info.shape.as_slice() else {
@@ -155,69 +169,46 @@ pub(crate) fn modules_from_safetensors(
         .collect())
 }
 
-/// JSON with object keys sorted and no whitespace, so equal values hash
-/// equally whatever order their fields were built in.
-pub fn canonical_json(v: &serde_json::Value) -> String {
-    fn write(v: &serde_json::Value, out: &mut String) {
-        match v {
-            serde_json::Value::Object(map) => {
-                let mut keys: Vec<&String> = map.keys().collect();
-                keys.sort();
-                out.push('{');
-                for (i, k) in keys.into_iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    out.push_str(&serde_json::to_string(k).expect("string"));
-                    out.push(':');
-                    write(&map[k], out);
-                }
-                out.push('}');
-            }
-            serde_json::Value::Array(items) => {
-                out.push('[');
-                for (i, x) in items.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    write(x, out);
-                }
-                out.push(']');
-            }
-            other => out.push_str(&other.to_string()),
-        }
-    }
-    let mut out = String::new();
-    write(v, &mut out);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn canonical_json_ignores_key_order() {
-        let a = serde_json::json!({"b": 1, "a": {"y": [1, 2], "x": "s"}});
-        let b = serde_json::json!({"a": {"x": "s", "y": [1, 2]}, "b": 1});
-        assert_eq!(canonical_json(&a), canonical_json(&b));
-        assert_eq!(canonical_json(&a), r#"{"a":{"x":"s","y":[1,2]},"b":1}"#);
-        assert_ne!(
-            canonical_json(&serde_json::json!({"a": 1})),
-            canonical_json(&serde_json::json!({"a": 2}))
-        );
+    fn manifest() -> ExpertManifest {
+        let config: LoraConfig = serde_json::from_value(serde_json::json!({
+            "r": 4, "lora_alpha": 8.0, "target_modules": ["q_proj"]
+        }))
+        .unwrap();
+        let mut m = ExpertManifest::draft("e", &config, None, BTreeMap::new());
+        m.files
+            .insert("adapter_model.safetensors".into(), FileDigest::of(b"w"));
+        m.sealed()
     }
 
     #[test]
-    fn peft_module_names() {
-        assert_eq!(
-            peft_module("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"),
-            Some(("model.layers.0.self_attn.q_proj".into(), 'A'))
-        );
-        assert_eq!(
-            peft_module("base_model.model.model.layers.1.mlp.up_proj.lora_B.default.weight"),
-            Some(("model.layers.1.mlp.up_proj".into(), 'B'))
-        );
-        assert_eq!(peft_module("base_model.model.lm_head.weight"), None);
+    fn a_sealed_manifest_parses_and_any_edit_of_its_fields_is_corrupt() {
+        let m = manifest();
+        let bytes = serde_json::to_vec_pretty(&m).unwrap();
+        assert_eq!(ExpertManifest::parse(&bytes, "m").unwrap(), m);
+        // Edit one field at a time in the JSON text, as a user's editor would.
+        let text = String::from_utf8(bytes).unwrap();
+        for (from, to) in [
+            ("\"alpha\": 8.0", "\"alpha\": 9.0"),
+            ("\"rank\": 4", "\"rank\": 8"),
+        ] {
+            assert!(text.contains(from), "{from} in {text}");
+            let edited = text.replacen(from, to, 1);
+            let e = ExpertManifest::parse(edited.as_bytes(), "LIB/e/quiver_manifest.json")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("LIB/e/quiver_manifest.json") && e.contains("edited"),
+                "{e}"
+            );
+        }
+        // A manifest from before seals were recorded still parses.
+        let mut old = m.clone();
+        old.seal = None;
+        let bytes = serde_json::to_vec(&old).unwrap();
+        assert_eq!(ExpertManifest::parse(&bytes, "m").unwrap().seal, None);
     }
 }

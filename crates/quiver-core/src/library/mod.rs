@@ -20,11 +20,14 @@
 //! of different experts never lose each other's work; library-level facts
 //! are written once with create-if-absent.
 
+mod aux;
 mod error;
+mod load;
 mod local;
 mod manifest;
 mod object;
 mod storage;
+mod verify;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -34,7 +37,7 @@ use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
 pub use error::{BaseModelMismatch, LibraryError, LibraryResult, ShapeMismatch};
-pub use manifest::{canonical_json, ExpertManifest, FileDigest};
+pub use manifest::{ExpertManifest, FileDigest};
 pub use object::StorageOptions;
 
 use crate::error::Error;
@@ -43,7 +46,7 @@ use crate::expert::{
 };
 use crate::lora::{LoraConfig, TargetModules};
 use error::short;
-use manifest::{modules_from_safetensors, sha256_hex};
+use manifest::modules_from_safetensors;
 use storage::{now_secs, random_id, Storage};
 
 /// Per-expert manifest file name.
@@ -475,13 +478,10 @@ impl ExpertLibrary {
     /// A manifest computed from the files of a local expert without one.
     fn unsealed_manifest(&self, name: &str) -> LibraryResult<ExpertManifest> {
         let key = |f: &str| format!("{name}/{f}");
-        let cfg_bytes =
-            self.storage
-                .get(&key(ADAPTER_CONFIG))?
-                .ok_or_else(|| LibraryError::NoSuchExpert {
-                    library: self.uri().into(),
-                    name: name.into(),
-                })?;
+        let cfg_bytes = self
+            .storage
+            .get(&key(ADAPTER_CONFIG))?
+            .ok_or_else(|| self.no_such(name))?;
         let config: LoraConfig =
             serde_json::from_slice(&cfg_bytes).map_err(|e| LibraryError::Corrupt {
                 location: self.storage.display(&key(ADAPTER_CONFIG)),
@@ -511,9 +511,21 @@ impl ExpertLibrary {
     }
 
     fn no_such(&self, name: &str) -> LibraryError {
+        let mut names: Vec<String> = self
+            .storage
+            .experts()
+            .map(|d| d.into_iter().map(|d| d.name).collect())
+            .unwrap_or_default();
+        names.sort();
+        let known = match names.len() {
+            0 => " (it has none)".to_string(),
+            n if n <= 12 => format!(" (it has: {})", names.join(", ")),
+            n => format!(" (it has {n}: {}, ...)", names[..12].join(", ")),
+        };
         LibraryError::NoSuchExpert {
             library: self.uri().into(),
             name: name.into(),
+            known,
         }
     }
 
@@ -577,26 +589,6 @@ impl ExpertLibrary {
             files.push((file.clone(), bytes));
         }
         Ok((m, files))
-    }
-
-    /// Loads expert `name` after checking its files against the manifest.
-    pub fn load_expert(&self, name: &str, device: &Device, dtype: DType) -> LibraryResult<Expert> {
-        let (_, files) = self.read_files(name)?;
-        let tmp = tempfile::tempdir().map_err(|e| error::storage("temporary directory", e))?;
-        let dir = tmp.path().join(name);
-        std::fs::create_dir(&dir).map_err(|e| error::storage(dir.display().to_string(), e))?;
-        for (file, bytes) in &files {
-            let p = dir.join(file);
-            std::fs::write(&p, bytes).map_err(|e| error::storage(p.display().to_string(), e))?;
-        }
-        let mut expert = Expert::load(&dir, device, dtype).map_err(|e| {
-            invalid(format!(
-                "expert `{name}` in library {} does not load: {e}",
-                self.uri()
-            ))
-        })?;
-        expert.name = name.to_string();
-        Ok(expert)
     }
 
     /// Adds an in-memory expert (refusing an existing name, another base
@@ -708,7 +700,7 @@ impl ExpertLibrary {
         m.added = now_secs();
         m.format = manifest::EXPERT_FORMAT.into();
         m.version = FORMAT_VERSION;
-        let bytes = serde_json::to_vec_pretty(&m).expect("json");
+        let bytes = serde_json::to_vec_pretty(&m.sealed()).expect("json");
         self.storage.publish_expert(&name, &files, &bytes)
     }
 
@@ -799,263 +791,6 @@ impl ExpertLibrary {
             let trash = format!("{name}.{}.{}", now_secs(), &random_id()[..8]);
             self.storage.trash_expert(name, &trash)
         }
-    }
-
-    /// Re-hashes every file of every expert; see [`VerifyReport`].
-    pub fn verify(&self) -> LibraryResult<VerifyReport> {
-        self.verify_with(&mut |_, _, _| {})
-    }
-
-    /// [`ExpertLibrary::verify`], reporting progress in files.
-    pub fn verify_with(&self, progress: Progress) -> LibraryResult<VerifyReport> {
-        let mut report = VerifyReport {
-            library: self.uri().into(),
-            ..Default::default()
-        };
-        let problem = |expert: Option<&str>, location: String, what: String| Problem {
-            expert: expert.map(str::to_string),
-            location,
-            what,
-        };
-        let mut library_base = None;
-        if let Err(e) = self.read_meta() {
-            report.problems.push(problem(
-                None,
-                self.storage.display(LIBRARY_FILE),
-                e.to_string(),
-            ));
-        }
-        match self.base_model() {
-            Ok(b) => library_base = b,
-            Err(e) => report.problems.push(problem(
-                None,
-                self.storage.display(BASE_MODEL_FILE),
-                e.to_string(),
-            )),
-        }
-        let dirs = self.storage.experts()?;
-        report.experts = dirs.len();
-        // (expert, key, recorded digest) of every file to re-hash.
-        let mut todo: Vec<(String, String, FileDigest)> = Vec::new();
-        let manifest_keys: Vec<String> = dirs
-            .iter()
-            .filter(|d| d.sealed)
-            .map(|d| format!("{}/{MANIFEST}", d.name))
-            .collect();
-        let mut manifests = self.storage.get_many(&manifest_keys)?.into_iter();
-        for d in &dirs {
-            if !d.sealed {
-                let dir = self
-                    .root()
-                    .expect("only local experts lack manifests")
-                    .join(&d.name);
-                match Expert::load(&dir, &Device::Cpu, DType::F32) {
-                    Ok(_) => report.notes.push(format!(
-                        "{}: no {MANIFEST} (written before libraries had manifests); loads, but its files are not hash-checked",
-                        dir.display()
-                    )),
-                    Err(e) => report.problems.push(problem(
-                        Some(&d.name),
-                        dir.display().to_string(),
-                        format!("does not load: {e}"),
-                    )),
-                }
-                continue;
-            }
-            let key = format!("{}/{MANIFEST}", d.name);
-            let location = self.storage.display(&key);
-            let Some(bytes) = manifests.next().expect("one per sealed expert") else {
-                report.experts -= 1; // removed while we verified
-                continue;
-            };
-            let m = match ExpertManifest::parse(&bytes, &location) {
-                Ok(m) => m,
-                Err(e) => {
-                    report
-                        .problems
-                        .push(problem(Some(&d.name), location, e.to_string()));
-                    continue;
-                }
-            };
-            if m.name != d.name {
-                report.problems.push(problem(
-                    Some(&d.name),
-                    location.clone(),
-                    format!("the manifest names expert `{}`", m.name),
-                ));
-            }
-            if let (Some(eb), Some(lb)) = (&m.base_model, &library_base) {
-                if eb.fingerprint != lb.fingerprint {
-                    report.problems.push(problem(
-                        Some(&d.name),
-                        location.clone(),
-                        format!(
-                            "trained on base model `{}` (fingerprint {}), but the library's is `{}` (fingerprint {})",
-                            eb.id,
-                            short(&eb.fingerprint),
-                            lb.id,
-                            short(&lb.fingerprint)
-                        ),
-                    ));
-                }
-            }
-            for (file, digest) in m.files {
-                todo.push((d.name.clone(), format!("{}/{file}", d.name), digest));
-            }
-        }
-        let total = todo.len();
-        for (i, chunk) in todo.chunks(VERIFY_BATCH).enumerate() {
-            progress(i * VERIFY_BATCH, total, &chunk[0].0);
-            let keys: Vec<String> = chunk.iter().map(|(_, k, _)| k.clone()).collect();
-            for ((expert, key, digest), bytes) in chunk.iter().zip(self.storage.get_many(&keys)?) {
-                report.files += 1;
-                let what = match bytes {
-                    None => Some("missing".to_string()),
-                    Some(b) => digest_mismatch(digest, &b).map(|w| format!("corrupt: {w}")),
-                };
-                if let Some(what) = what {
-                    report
-                        .problems
-                        .push(problem(Some(expert), self.storage.display(key), what));
-                }
-            }
-        }
-        progress(total, total, "");
-        report.notes.extend(self.storage.leftovers()?);
-        Ok(report)
-    }
-
-    /// Copies every expert (checked on the way) and the auxiliary data
-    /// into `dst`, e.g. from a local directory to S3. Experts `dst` has
-    /// already are skipped when identical and reported as conflicts when not.
-    pub fn copy_to(&self, dst: &ExpertLibrary) -> LibraryResult<CopyReport> {
-        self.copy_to_with(dst, &mut |_, _, _| {})
-    }
-
-    /// [`ExpertLibrary::copy_to`], reporting progress in experts.
-    pub fn copy_to_with(
-        &self,
-        dst: &ExpertLibrary,
-        progress: Progress,
-    ) -> LibraryResult<CopyReport> {
-        if self.uri() == dst.uri() {
-            return Err(invalid(format!(
-                "cannot copy library {} onto itself",
-                self.uri()
-            )));
-        }
-        if let Some(base) = self.base_model()? {
-            dst.set_base_model(&base)?;
-        }
-        let mut report = CopyReport::default();
-        let manifests = self.manifests()?;
-        let total = manifests.len();
-        for (i, (m, _)) in manifests.into_iter().enumerate() {
-            progress(i, total, &m.name);
-            let name = m.name.clone();
-            if let Some((theirs, _)) = dst.read_manifest(&name)? {
-                if theirs.files == m.files {
-                    report.skipped.push(name);
-                } else {
-                    report.conflicts.push(name);
-                }
-                continue;
-            }
-            let (m, files) = self.read_files(&name)?;
-            dst.add_record(m, files)?;
-            report.copied.push(name);
-        }
-        progress(total, total, "");
-        for e in self.storage.list(&format!("{AUX_DIR}/"))? {
-            if let Some(bytes) = self.storage.get(&e.key)? {
-                if dst.storage.put_new(&e.key, &bytes)? {
-                    report.aux_copied += 1;
-                }
-            }
-        }
-        Ok(report)
-    }
-
-    /// A fingerprint of some experts' exact contents (names and file
-    /// hashes), for transform configurations: a cached result keyed by a
-    /// config that includes it is reused only for the same experts.
-    pub fn experts_fingerprint(&self, names: &[&str]) -> LibraryResult<String> {
-        let mut names: Vec<&str> = names.to_vec();
-        names.sort_unstable();
-        names.dedup();
-        let mut text = String::new();
-        for name in names {
-            let m = self.manifest(name)?;
-            text.push_str(name);
-            for (file, d) in &m.files {
-                text.push_str(&format!("\0{file}\0{}", d.sha256));
-            }
-            text.push('\n');
-        }
-        Ok(sha256_hex(text.as_bytes()))
-    }
-
-    /// `<kind>-<hash>`, the hash being the first 16 hex digits of the
-    /// sha256 of the canonical JSON of `config`: the directory under
-    /// `.aux/` where a transform of `kind` run with `config` keeps its
-    /// outputs (the layout `routing::cache` already uses).
-    pub fn aux_key(kind: &str, config: &serde_json::Value) -> LibraryResult<String> {
-        validate_aux_part("kind", kind)?;
-        let hash = sha256_hex(canonical_json(config).as_bytes());
-        Ok(format!("{kind}-{}", &hash[..16]))
-    }
-
-    fn aux_file(kind: &str, config: &serde_json::Value, name: &str) -> LibraryResult<String> {
-        let key = Self::aux_key(kind, config)?;
-        validate_aux_part("name", name)?;
-        if name == AUX_CONFIG {
-            return Err(invalid(format!(
-                "`{AUX_CONFIG}` is reserved for the configuration of auxiliary data"
-            )));
-        }
-        Ok(format!("{AUX_DIR}/{key}/{name}"))
-    }
-
-    /// Stores auxiliary data (prototypes, embeddings, clusterings) named
-    /// `name`, computed by a transform of `kind` with `config`, replacing
-    /// what was stored under the same name (atomically).
-    pub fn put_aux(
-        &self,
-        kind: &str,
-        config: &serde_json::Value,
-        name: &str,
-        bytes: &[u8],
-    ) -> LibraryResult<()> {
-        let file = Self::aux_file(kind, config, name)?;
-        // The config beside the data, for people browsing the library.
-        let cfg_key = format!("{AUX_DIR}/{}/{AUX_CONFIG}", Self::aux_key(kind, config)?);
-        let pretty = serde_json::to_string_pretty(config).expect("json");
-        self.storage.put_new(&cfg_key, pretty.as_bytes())?;
-        self.storage.put(&file, bytes)
-    }
-
-    /// The auxiliary data stored by [`ExpertLibrary::put_aux`] with the
-    /// same `kind`, an equal `config` (whatever the order of its keys) and
-    /// `name`, if any.
-    pub fn get_aux(
-        &self,
-        kind: &str,
-        config: &serde_json::Value,
-        name: &str,
-    ) -> LibraryResult<Option<Vec<u8>>> {
-        self.storage.get(&Self::aux_file(kind, config, name)?)
-    }
-
-    /// The names stored for `kind` and `config`.
-    pub fn aux_names(&self, kind: &str, config: &serde_json::Value) -> LibraryResult<Vec<String>> {
-        let prefix = format!("{AUX_DIR}/{}/", Self::aux_key(kind, config)?);
-        Ok(self
-            .storage
-            .list(&prefix)?
-            .into_iter()
-            .filter_map(|e| e.key.strip_prefix(&prefix).map(str::to_string))
-            .filter(|n| n != AUX_CONFIG && !n.contains('/') && !n.starts_with('.'))
-            .collect())
     }
 }
 

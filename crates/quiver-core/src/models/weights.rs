@@ -81,7 +81,17 @@ pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, 
     // returns; a file changed underneath by another process could give
     // wrong values but not unsoundness in safe code we rely on.
     let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let st = safetensors_header_check(path, &bytes)?;
+    load_safetensors_bytes(path, &bytes, device)
+}
+
+/// [`load_safetensors`] of bytes already in memory; `path` names them in
+/// errors (a library's object key, say).
+pub fn load_safetensors_bytes(
+    path: &Path,
+    bytes: &[u8],
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let st = safetensors_header_check(path, bytes)?;
     let mut out = HashMap::with_capacity(st.len());
     for (name, view) in st {
         let t = candle_core::safetensors::Load::load(&view, device).map_err(|e| {

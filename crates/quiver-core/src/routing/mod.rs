@@ -9,32 +9,36 @@
 //!   reference, a grouped and a fast path, and the expert-usage counter.
 //! * [`merge`]: uniform (factors or updates), TIES, GenKnowSub.
 //! * [`mu`], [`phatgoose`]: prototypes learned from the experts' data.
-//! * [`cache`]: prototype caches under `LIB/.aux/`, keyed by config hash.
+//! * [`session`]: the typed [`RouteSpec`] and the one call that installs
+//!   a route on a model from an [`ExpertLibrary`] (local or S3, every
+//!   expert checked on load).
 //!
-//! A library here is a directory with one sub-directory per expert
-//! ([`LibraryDir`]); entries whose name starts with `.` are not experts.
+//! Prototypes are cached in the library's auxiliary store
+//! ([`ExpertLibrary::get_vectors`]), keyed by a hash of the transform's
+//! configuration and each expert's weights digest.
 
-pub mod cache;
 pub mod merge;
 pub mod mu;
 pub mod phatgoose;
 pub mod prototypes;
 pub mod router;
+pub mod session;
 pub mod tally;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
 
+use crate::library::ExpertLibrary;
+
 use crate::data::{split_examples, DataSource, Example, Split};
 use crate::error::{Error, Result};
-use crate::expert::{detach_all, Expert, ADAPTER_WEIGHTS};
+pub use crate::expert::check_compatible;
+use crate::expert::{detach_all, Expert};
 use crate::models::Llama;
 use crate::tokenizer::Tokenizer;
 
-pub use cache::AuxCache;
 pub use merge::{gen_know_sub, ties_merge, uniform_factors, uniform_updates, DenseDelta};
 pub use mu::{mu_prototypes, MuConfig};
 pub use phatgoose::{phatgoose_prototypes, PhatgooseConfig};
@@ -43,12 +47,14 @@ pub use router::{
     MixMode, RouteDecision, RouteObserver, RoutePath, RoutedLora, Selection, Selector,
     SelectorKind, Usage, UsageReport,
 };
+pub use session::{install_route, RouteData, RouteSpec};
 pub use tally::{Fanout, RoutingSummary, RoutingTally};
 
 /// A way to reuse the library on a new input (`--route`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Route {
     /// The base model alone.
+    #[default]
     Base,
     /// One expert, by name.
     Expert(String),
@@ -182,153 +188,23 @@ impl RouteOptions {
     }
 }
 
-/// A library directory: `LIB/<name>/{adapter_config.json,
-/// adapter_model.safetensors, quiver_expert.json}`, experts sorted by name.
-#[derive(Debug, Clone)]
-pub struct LibraryDir {
-    root: PathBuf,
-    pub experts: Vec<Expert>,
-    dirs: Vec<PathBuf>,
-}
-
-impl LibraryDir {
-    pub fn open(root: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        if !root.is_dir() {
-            return Err(Error::InvalidArgument(format!(
-                "{}: not an expert library (no such directory)",
-                root.display()
-            )));
-        }
-        let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
-            .map_err(|e| Error::io(root, e))?
-            .filter_map(|e| e.ok())
-            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-            .map(|e| e.path())
-            .filter(|p| p.is_dir())
-            .collect();
-        dirs.sort();
-        if dirs.is_empty() {
-            return Err(Error::InvalidArgument(format!(
-                "{}: the library has no experts",
-                root.display()
-            )));
-        }
-        let experts = dirs
-            .iter()
-            .map(|d| Expert::load(d, device, dtype))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            root: root.to_path_buf(),
-            experts,
-            dirs,
-        })
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    pub fn names(&self) -> Vec<String> {
-        self.experts.iter().map(|e| e.name.clone()).collect()
-    }
-
-    /// The expert called `name`, or one sentence listing the known ones.
-    pub fn expert(&self, name: &str) -> Result<&Expert> {
-        self.experts.iter().find(|e| e.name == name).ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "library {} has no expert `{name}` (it has: {})",
-                self.root.display(),
-                merge::names_list(&self.experts)
-            ))
-        })
-    }
-
-    /// sha256 of the weights file of the expert called `name`.
-    pub fn digest(&self, name: &str) -> Result<String> {
-        let i = self
-            .experts
-            .iter()
-            .position(|e| e.name == name)
-            .ok_or_else(|| Error::InvalidArgument(format!("no expert `{name}`")))?;
-        cache::file_digest(&self.dirs[i].join(ADAPTER_WEIGHTS))
-    }
-
-    /// Every expert fits the model (modules, shapes, and base-model
-    /// fingerprint when both are known).
-    pub fn check_fits(&self, model: &Llama, fingerprint: Option<&str>) -> Result<()> {
-        self.experts
-            .iter()
-            .try_for_each(|e| e.check_fits(model, fingerprint))
-    }
-}
-
-/// Experts can be routed or merged together: same modules, same rank.
-pub fn check_compatible(experts: &[Expert]) -> Result<()> {
-    let Some(first) = experts.first() else {
-        return Err(Error::InvalidArgument(
-            "the library has no experts to route between".into(),
-        ));
-    };
-    for e in &experts[1..] {
-        if e.config.rank != first.config.rank {
-            return Err(Error::InvalidArgument(format!(
-                "expert `{}` has LoRA rank {} but expert `{}` has rank {}: routing and merging need experts of one rank",
-                e.name, e.config.rank, first.name, first.config.rank
-            )));
-        }
-        let missing = first.weights.keys().find(|m| !e.weights.contains_key(*m));
-        let extra = e.weights.keys().find(|m| !first.weights.contains_key(*m));
-        if let Some(m) = missing {
-            return Err(Error::InvalidArgument(format!(
-                "expert `{}` does not adapt module `{m}`, which expert `{}` adapts: routing and merging need experts with the same target modules",
-                e.name, first.name
-            )));
-        }
-        if let Some(m) = extra {
-            return Err(Error::InvalidArgument(format!(
-                "expert `{}` adapts module `{m}`, which expert `{}` does not: routing and merging need experts with the same target modules",
-                e.name, first.name
-            )));
-        }
-        for (m, (a, b)) in &e.weights {
-            let (fa, fb) = &first.weights[m];
-            if a.dims() != fa.dims() || b.dims() != fb.dims() {
-                return Err(Error::InvalidArgument(format!(
-                    "module `{m}`: expert `{}` has A {:?} and B {:?} but expert `{}` has A {:?} and B {:?}",
-                    e.name,
-                    a.dims(),
-                    b.dims(),
-                    first.name,
-                    fa.dims(),
-                    fb.dims()
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The oracle route for an input of `task`: `expert:<name>` for the expert
-/// whose `quiver_expert.json` lists the task (a single-task expert wins
-/// over a multi-task one; ties go to the first by name).
-pub fn oracle_route(experts: &[Expert], task: &str) -> Result<String> {
-    let candidates: Vec<&Expert> = experts
+/// The oracle's expert for an input of `task`: the expert whose
+/// `quiver_expert.json` lists the task (a single-task expert wins over a
+/// multi-task one; ties go to the first by name).
+pub fn oracle_expert<'a>(experts: &'a [Expert], task: &str) -> Result<&'a Expert> {
+    experts
         .iter()
         .filter(|e| {
             e.info
                 .as_ref()
                 .is_some_and(|i| i.tasks.iter().any(|t| t == task))
         })
-        .collect();
-    let best = candidates
-        .iter()
         .min_by_key(|e| e.info.as_ref().map(|i| i.tasks.len()).unwrap_or(usize::MAX))
         .ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "oracle: no expert of the library was trained on task `{task}` (no quiver_expert.json lists it)"
             ))
-        })?;
-    Ok(format!("expert:{}", best.name))
+        })
 }
 
 /// The training examples of an expert's own tasks (from its
@@ -361,44 +237,47 @@ pub fn expert_examples(
 /// How many experts' prototypes came from the cache and how many were computed.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PrototypeStats {
-    pub cache_dir: PathBuf,
+    /// Where the library keeps them (`LIB/.aux/<kind>-<hash>/`).
+    pub cache_dir: String,
     pub cached: usize,
     pub computed: usize,
 }
 
 /// GenKnowSub changes every other expert, so its experts' weights are part
 /// of any derived cache's key.
-fn gks_key(lib: &LibraryDir, gks: &[String]) -> Result<serde_json::Value> {
+fn gks_key(lib: &ExpertLibrary, gks: &[String]) -> Result<serde_json::Value> {
     let mut v = Vec::new();
     for name in gks {
-        v.push(serde_json::json!([name, lib.digest(name)?]));
+        v.push(serde_json::json!([name, lib.weights_digest(name)?]));
     }
     Ok(serde_json::Value::Array(v))
 }
 
 fn cached_prototypes(
-    lib: &LibraryDir,
+    lib: &ExpertLibrary,
     experts: &[Expert],
     kind: &str,
     config: serde_json::Value,
     mut compute: impl FnMut(&Expert) -> Result<BTreeMap<String, Vec<f32>>>,
 ) -> Result<(Prototypes, PrototypeStats)> {
-    let cache = AuxCache::new(lib.root(), kind, config);
     let (mut cached, mut computed) = (0, 0);
     let mut rows = Vec::with_capacity(experts.len());
     for e in experts {
-        let digest = lib.digest(&e.name)?;
+        let digest = lib.weights_digest(&e.name)?;
         let complete = |v: &BTreeMap<String, Vec<f32>>| {
             e.weights.keys().all(|m| v.contains_key(m)) && v.len() == e.weights.len()
         };
-        match cache.load(&e.name, &digest).filter(complete) {
+        match lib
+            .get_vectors(kind, &config, &e.name, &digest)?
+            .filter(complete)
+        {
             Some(v) => {
                 cached += 1;
                 rows.push(v);
             }
             None => {
                 let v = compute(e)?;
-                cache.store(&e.name, &digest, &v)?;
+                lib.put_vectors(kind, &config, &e.name, &digest, &v)?;
                 computed += 1;
                 rows.push(v);
             }
@@ -408,7 +287,7 @@ fn cached_prototypes(
     Ok((
         protos,
         PrototypeStats {
-            cache_dir: cache.dir().to_path_buf(),
+            cache_dir: lib.aux_location(kind, &config)?,
             cached,
             computed,
         },
@@ -418,7 +297,7 @@ fn cached_prototypes(
 /// Arrow prototypes of `experts` (the library's experts after GenKnowSub
 /// with `gks`), from `LIB/.aux/arrow-<hash>/` or computed and stored there.
 pub fn arrow_prototypes_cached(
-    lib: &LibraryDir,
+    lib: &ExpertLibrary,
     experts: &[Expert],
     gks: &[String],
 ) -> Result<(Prototypes, PrototypeStats)> {
@@ -446,7 +325,7 @@ pub struct ExampleSource<'a> {
 /// from `data` (the model then has no adapters). Without examples, a
 /// missing entry is an error that names the command that computes it.
 pub fn learned_prototypes_cached(
-    lib: &LibraryDir,
+    lib: &ExpertLibrary,
     experts: &[Expert],
     kind: SelectorKind,
     model: &mut Llama,
@@ -472,7 +351,7 @@ pub fn learned_prototypes_cached(
     });
     let mu_cfg = MuConfig::default();
     let pg_cfg = PhatgooseConfig::default();
-    let lib_root = lib.root().display().to_string();
+    let lib_root = lib.uri().to_string();
     let res = cached_prototypes(lib, experts, name, config, |e| {
         let Some(examples) = data.examples else {
             return Err(Error::InvalidArgument(format!(
@@ -538,8 +417,8 @@ pub fn install(
         }
         Route::Expert(name) => return single(model, name),
         Route::Oracle(task) => {
-            let r = oracle_route(experts, task)?;
-            return single(model, r.trim_start_matches("expert:"));
+            let name = oracle_expert(experts, task)?.name.clone();
+            return single(model, &name);
         }
         _ => {}
     }

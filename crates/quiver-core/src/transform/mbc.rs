@@ -9,10 +9,10 @@
 //! `S`. Experts are put in name order first, so the partition does not
 //! depend on the order the caller passes them in.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::Path;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use faer::Mat;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::expert::Expert;
 use crate::fsutil::write_atomic;
+use crate::library::ExpertLibrary;
 
 use super::kmeans::kmeans;
 use super::svd::{sparsify, truncated_svd_embed};
@@ -160,10 +161,7 @@ impl ClusterConfig {
     /// A short hash of the configuration, the key of the clustering's
     /// auxiliary file in the library (mttl's `param_hash`).
     pub fn hash(&self) -> String {
-        use sha2::{Digest, Sha256};
-        let json = serde_json::to_string(self).expect("config serialises");
-        let digest = Sha256::digest(json.as_bytes());
-        format!("{digest:x}")[..16].to_string()
+        crate::hash::config_hash(&serde_json::to_value(self).expect("config serialises"))
     }
 }
 
@@ -247,147 +245,61 @@ impl Clustering {
         })
     }
 
-    /// Where [`Clustering::store_in_library`] puts a clustering with `cfg`.
-    pub fn library_path(library: &Path, cfg: &ClusterConfig) -> PathBuf {
-        aux_path(library, &format!("clusters-{}.json", cfg.hash()))
+    /// The library's auxiliary-data key of a clustering with `cfg` of
+    /// `experts`: the settings and the experts' manifest digests, so a
+    /// clustering is found again only for the same experts.
+    fn aux_config(
+        library: &ExpertLibrary,
+        cfg: &ClusterConfig,
+        experts: &[String],
+    ) -> Result<serde_json::Value> {
+        let names: Vec<&str> = experts.iter().map(String::as_str).collect();
+        Ok(serde_json::json!({
+            "transform": "clusters",
+            "config": cfg,
+            "experts": library.experts_fingerprint(&names)?,
+        }))
     }
 
-    /// Stores the clustering as auxiliary data of the library, keyed by the
-    /// hash of its configuration (replacing an earlier one).
-    pub fn store_in_library(&self, library: &Path) -> Result<PathBuf> {
-        let path = Self::library_path(library, &self.config);
+    /// Stores the clustering in the library's auxiliary store (local or
+    /// S3), replacing an earlier one with the same settings and experts;
+    /// returns where.
+    pub fn store_in_library(&self, library: &ExpertLibrary) -> Result<String> {
+        let key = Self::aux_config(library, &self.config, &self.experts)?;
         let text = serde_json::to_string_pretty(self).expect("clustering serialises");
-        write_atomic(&path, text.as_bytes())?;
-        Ok(path)
+        library.put_aux(CLUSTERS_KIND, &key, CLUSTERING_FILE, text.as_bytes())?;
+        Ok(format!(
+            "{}{CLUSTERING_FILE}",
+            library.aux_location(CLUSTERS_KIND, &key)?
+        ))
     }
 
-    /// The clustering stored with `cfg`, if any.
-    pub fn load_from_library(library: &Path, cfg: &ClusterConfig) -> Result<Option<Self>> {
-        let path = Self::library_path(library, cfg);
-        if !path.is_file() {
+    /// The clustering stored with `cfg` for exactly `experts`, if any.
+    pub fn load_from_library(
+        library: &ExpertLibrary,
+        cfg: &ClusterConfig,
+        experts: &[String],
+    ) -> Result<Option<Self>> {
+        let key = Self::aux_config(library, cfg, experts)?;
+        let Some(bytes) = library.get_aux(CLUSTERS_KIND, &key, CLUSTERING_FILE)? else {
             return Ok(None);
-        }
-        Self::load(&path).map(Some)
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            Error::invalid(format!(
+                "{}{CLUSTERING_FILE}: invalid clustering: {e}",
+                library
+                    .aux_location(CLUSTERS_KIND, &key)
+                    .unwrap_or_default()
+            ))
+        })
     }
 }
 
-/// The one place that decides where auxiliary data lives in a library
-/// directory (`LIB/.aux/NAME`); `ExpertLibrary` will take this over.
-fn aux_path(library: &Path, name: &str) -> PathBuf {
-    library.join(".aux").join(name)
-}
+/// The auxiliary-data kind and file name of a stored clustering.
+const CLUSTERS_KIND: &str = "clusters";
+const CLUSTERING_FILE: &str = "clustering.json";
 
-/// Loads every expert of a library directory (one sub-directory per
-/// expert; entries starting with `.` are skipped), in name order, as f32 on
-/// the CPU.
-pub fn load_library_experts(library: &Path) -> Result<Vec<Expert>> {
-    let dirs = library_expert_dirs(library)?;
-    dirs.iter()
-        .map(|d| Expert::load(d, &Device::Cpu, DType::F32))
-        .collect()
-}
-
-/// The expert directories of a library, in name order; an error when there
-/// are none.
-pub fn library_expert_dirs(library: &Path) -> Result<Vec<PathBuf>> {
-    let entries = std::fs::read_dir(library).map_err(|e| Error::io(library, e))?;
-    let mut dirs = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| Error::io(library, e))?;
-        let name = entry.file_name();
-        if name.to_string_lossy().starts_with('.') || !entry.path().is_dir() {
-            continue;
-        }
-        dirs.push(entry.path());
-    }
-    if dirs.is_empty() {
-        return Err(Error::invalid(format!(
-            "library {} has no experts (expected one sub-directory per expert)",
-            library.display()
-        )));
-    }
-    dirs.sort();
-    Ok(dirs)
-}
-
-/// Checks that the experts can be compared weight by weight: at least one,
-/// unique names, one LoRA rank, one base model, the same modules with the
-/// same shapes.
-pub fn check_compatible(experts: &[Expert]) -> Result<()> {
-    let Some(first) = experts.first() else {
-        return Err(Error::invalid(
-            "there are no experts to cluster (the library is empty)",
-        ));
-    };
-    let mut names = BTreeSet::new();
-    for e in experts {
-        if !names.insert(e.name.as_str()) {
-            return Err(Error::invalid(format!(
-                "two experts are named `{}`; expert names must be unique",
-                e.name
-            )));
-        }
-    }
-    for e in &experts[1..] {
-        if e.config.rank != first.config.rank {
-            return Err(Error::invalid(format!(
-                "experts have different LoRA ranks (`{}`: r = {}, `{}`: r = {}); cluster experts of one rank",
-                first.name, first.config.rank, e.name, e.config.rank
-            )));
-        }
-    }
-    let with_info: Vec<&Expert> = experts.iter().filter(|e| e.info.is_some()).collect();
-    if let Some(a) = with_info.first() {
-        let ba = &a.info.as_ref().expect("filtered").base_model;
-        for b in &with_info[1..] {
-            let bb = &b.info.as_ref().expect("filtered").base_model;
-            if bb.fingerprint != ba.fingerprint {
-                return Err(Error::invalid(format!(
-                    "experts were trained on different base models (`{}` on `{}`, fingerprint {}; `{}` on `{}`, fingerprint {}); cluster experts of one base model",
-                    a.name,
-                    ba.id,
-                    short(&ba.fingerprint),
-                    b.name,
-                    bb.id,
-                    short(&bb.fingerprint)
-                )));
-            }
-        }
-    }
-    for e in &experts[1..] {
-        if let Some(m) = first.weights.keys().find(|m| !e.weights.contains_key(*m)) {
-            return Err(Error::invalid(format!(
-                "experts adapt different modules (`{}` has `{m}`, `{}` does not)",
-                first.name, e.name
-            )));
-        }
-        if let Some(m) = e.weights.keys().find(|m| !first.weights.contains_key(*m)) {
-            return Err(Error::invalid(format!(
-                "experts adapt different modules (`{}` has `{m}`, `{}` does not)",
-                e.name, first.name
-            )));
-        }
-        for (m, (a, b)) in &e.weights {
-            let (a0, b0) = &first.weights[m];
-            if a.dims() != a0.dims() || b.dims() != b0.dims() {
-                return Err(Error::invalid(format!(
-                    "experts have different shapes for module `{m}` (`{}`: A {:?}, B {:?}; `{}`: A {:?}, B {:?})",
-                    first.name,
-                    a0.dims(),
-                    b0.dims(),
-                    e.name,
-                    a.dims(),
-                    b.dims()
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn short(s: &str) -> &str {
-    &s[..s.len().min(12)]
-}
+pub use crate::expert::check_compatible;
 
 /// MBC step 2: all A and B of an expert in one vector, modules in sorted
 /// order, each A then its B, row-major.

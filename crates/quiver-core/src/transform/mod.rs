@@ -18,8 +18,7 @@ pub mod svd;
 pub use kmeans::{kmeans, KMeans};
 pub use mbc::{
     adjusted_rand_index, check_compatible, cluster, cluster_names, cluster_quality, expert_tasks,
-    flatten_delta, flatten_expert, library_expert_dirs, load_library_experts, mbc_embed,
-    mbc_embed_with, random_partition, similarity_matrix, ClusterConfig, ClusterMethod,
-    ClusterQuality, Clustering, Embedding,
+    flatten_delta, flatten_expert, mbc_embed, mbc_embed_with, random_partition, similarity_matrix,
+    ClusterConfig, ClusterMethod, ClusterQuality, Clustering, Embedding,
 };
 pub use plot::{plot_similarity, plot_similarity_named, HeatmapScale};

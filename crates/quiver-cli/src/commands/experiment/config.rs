@@ -266,7 +266,7 @@ impl Lib {
 pub enum RowKind {
     /// One `quiver eval --route ROUTE [--library LIB]` over all tasks.
     Plain {
-        route: String,
+        route: quiver_core::routing::Route,
         lib: Option<Lib>,
         top_k: Option<usize>,
         gks: bool,
@@ -288,11 +288,7 @@ impl RouteSpec {
     /// Whether the route differs token by token (arrow, mu, phatgoose).
     pub fn routed(&self) -> bool {
         match &self.kind {
-            RowKind::Plain { route, .. } => route
-                .parse::<quiver_core::routing::Route>()
-                .ok()
-                .and_then(|r| r.selector_kind())
-                .is_some(),
+            RowKind::Plain { route, .. } => route.selector_kind().is_some(),
             _ => false,
         }
     }
@@ -300,13 +296,14 @@ impl RouteSpec {
 
 pub fn parse_route(item: &RouteItem) -> Result<RouteSpec> {
     let plain = |label: String, route: &str, lib: Option<Lib>, top_k, gks| {
-        route
+        // The same parser as `quiver eval --route`.
+        let route = route
             .parse::<quiver_core::routing::Route>()
             .with_context(|| format!("route `{label}`"))?;
         Ok(RouteSpec {
             label,
             kind: RowKind::Plain {
-                route: route.to_string(),
+                route,
                 lib,
                 top_k,
                 gks,

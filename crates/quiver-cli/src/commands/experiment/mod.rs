@@ -37,6 +37,7 @@ use quiver_core::data::DataSource;
 use quiver_core::eval::EvalReport;
 use quiver_core::expert::expert_name_for_task;
 use quiver_core::fsutil::write_atomic;
+use quiver_core::library::ExpertLibrary;
 use quiver_core::routing::RoutingSummary;
 
 use crate::args::GlobalArgs;
@@ -397,15 +398,12 @@ fn route_args(cfg: &ExperimentConfig, out: &Path, spec: &RowKind) -> Vec<String>
         "--model".into(),
         cfg.model.clone(),
         "--route".into(),
-        route.clone(),
+        route.to_string(),
     ];
     if let Some(lib) = lib {
         let dir = out.join(lib.dir());
         args.extend(["--library".into(), dir.display().to_string()]);
-        let kind = route
-            .parse::<quiver_core::routing::Route>()
-            .ok()
-            .and_then(|r| r.selector_kind());
+        let kind = route.selector_kind();
         let size = library_size(&dir) - usize::from(*gks);
         if kind.is_some() && size > 0 {
             let k = top_k.unwrap_or(cfg.eval.top_k).min(size);
@@ -460,33 +458,23 @@ fn cells(e: &EvalOut) -> Cells {
     (c, items)
 }
 
-/// The private experts' directory `private+shared`: links to every private
-/// expert and to the shared one, for GenKnowSub.
+/// The library `private+shared`: every private expert and the shared one,
+/// for GenKnowSub (copied, each checked on the way; experts already there
+/// are skipped).
 fn link_private_shared(out: &Path) -> Result<()> {
-    let dir = out.join(Lib::PrivateShared.dir());
-    std::fs::create_dir_all(&dir)?;
-    let mut sources: Vec<PathBuf> = Vec::new();
-    for e in std::fs::read_dir(out.join(Lib::Private.dir()))? {
-        let p = e?.path();
-        if p.join("quiver_expert.json").exists() {
-            sources.push(p);
+    let dst =
+        ExpertLibrary::open_or_create(&out.join(Lib::PrivateShared.dir()).display().to_string())?;
+    for lib in [Lib::Private, Lib::Shared] {
+        let src = ExpertLibrary::open(&out.join(lib.dir()).display().to_string())?;
+        let report = src.copy_to(&dst)?;
+        if !report.conflicts.is_empty() {
+            bail!(
+                "{}: experts {} differ from those of {}; remove the directory and run again",
+                dst.uri(),
+                report.conflicts.join(", "),
+                src.uri()
+            );
         }
-    }
-    sources.push(out.join(Lib::Shared.dir()).join("shared"));
-    for src in sources {
-        let name = src.file_name().expect("expert directory").to_owned();
-        let link = dir.join(&name);
-        if link.exists() {
-            continue;
-        }
-        let target = Path::new("..")
-            .join(src.parent().and_then(|p| p.file_name()).expect("library"))
-            .join(&name);
-        #[cfg(unix)]
-        std::os::unix::fs::symlink(&target, &link)
-            .with_context(|| format!("cannot link {} to {}", link.display(), target.display()))?;
-        #[cfg(not(unix))]
-        bail!("GenKnowSub routes in experiments need symbolic links (Unix)");
     }
     Ok(())
 }
