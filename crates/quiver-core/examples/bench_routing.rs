@@ -196,7 +196,8 @@ fn time_head(model: &Llama, ids: &Tensor, reps: usize) -> f64 {
 
 /// One q_proj-sized layer: where a routed layer's time goes.
 fn micro(a: &Args) {
-    use quiver_core::lora::{matmul_t, LinearAdapter};
+    use quiver_core::lora::LinearAdapter;
+    use quiver_core::ops::matmul_t;
     use quiver_core::routing::router::select_top_k;
     use quiver_core::routing::{RoutedLora, Selector, SelectorKind};
     use std::sync::Arc;

@@ -11,6 +11,8 @@ use std::sync::Arc;
 
 use candle_core::{Module, Result, Tensor};
 
+use crate::ops::matmul_t;
+
 /// The rest of an adapter's hand-written backward pass, returned by
 /// [`HandGrad::forward_train`]: given `dL/d(delta)` and the input's
 /// gradient so far, it records the adapter's own parameter gradients and
@@ -107,33 +109,6 @@ impl LinearAdapter for Lora {
         let bax = matmul_t(&ax, &self.b)?;
         bax * self.scale
     }
-}
-
-/// `xs @ w^T` for `xs` of any rank >= 2 and a 2-D `w` of shape `(out, in)`.
-///
-/// Outside the autograd graph (neither operand tracked), with both
-/// contiguous f32 on the CPU, the product goes to
-/// [`crate::ops::linear_product`], which writes it straight into a new
-/// buffer: candle's matmul zero-fills its output first (2.7% of a scoring
-/// forward on SmolLM2). Same `gemm` crate underneath.
-pub fn matmul_t(xs: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if !xs.track_op()
-        && !w.track_op()
-        && xs.is_contiguous()
-        && w.is_contiguous()
-        && crate::ops::cpu_f32(&[xs, w])
-    {
-        return crate::ops::linear_product(xs, w, true);
-    }
-    let dims = xs.dims();
-    let in_dim = dims[dims.len() - 1];
-    let rows = xs.elem_count() / in_dim.max(1);
-    let out = w.dims()[0];
-    let mut out_dims = dims.to_vec();
-    *out_dims.last_mut().expect("rank >= 1") = out;
-    xs.reshape((rows, in_dim))?
-        .matmul(&w.t()?)?
-        .reshape(out_dims)
 }
 
 /// A linear layer (`W`, optional bias) with an optional adapter.

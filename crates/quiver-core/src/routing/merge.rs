@@ -10,7 +10,8 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use crate::expert::Expert;
-use crate::lora::{matmul_t, LinearAdapter, Lora};
+use crate::lora::{LinearAdapter, Lora};
+use crate::ops::matmul_t;
 
 /// mttl's uniform merge: `A = mean_e A_e`, `B = mean_e s_e B_e` (scale 1;
 /// with one shared scale this is `s * mean(B) mean(A)`).

@@ -17,9 +17,9 @@ use rand::SeedableRng;
 use crate::data::Example;
 use crate::error::{Error, Result};
 use crate::expert::{detach_all, Expert};
-use crate::lora::{matmul_t, LinearAdapter};
+use crate::lora::LinearAdapter;
 use crate::models::Llama;
-use crate::ops;
+use crate::ops::{self, matmul_t};
 use crate::tokenizer::Tokenizer;
 use crate::train::optim::{linear_schedule, AdamW};
 

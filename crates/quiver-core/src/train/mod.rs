@@ -22,10 +22,10 @@ use serde::{Deserialize, Serialize};
 use crate::data::Example;
 use crate::error::{candle_msg, Error, Result};
 use crate::expert::{Expert, LoraWeights};
-use crate::lora::{matmul_t, AdapterBackward, AdapterTerm, HandGrad, LinearAdapter, LoraConfig};
+use crate::lora::{AdapterBackward, AdapterTerm, HandGrad, LinearAdapter, LoraConfig};
 use crate::models::weights::load_safetensors;
 use crate::models::Llama;
-use crate::ops;
+use crate::ops::{self, matmul_t};
 use crate::score::encode_pair;
 use crate::tokenizer::Tokenizer;
 
