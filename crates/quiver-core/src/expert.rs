@@ -437,8 +437,8 @@ pub fn check_compatible(experts: &[Expert]) -> Result<()> {
     for e in &experts[1..] {
         if e.config.rank != first.config.rank {
             return Err(Error::invalid(format!(
-                "experts have different LoRA ranks (`{}`: r = {}, `{}`: r = {}); {NEED} experts of one rank",
-                first.name, first.config.rank, e.name, e.config.rank
+                "experts have different LoRA ranks: expert `{}` has LoRA rank {} but expert `{}` has rank {}; {NEED} experts of one rank",
+                e.name, e.config.rank, first.name, first.config.rank
             )));
         }
     }

@@ -9,7 +9,6 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
-use indicatif::{ProgressBar, ProgressStyle};
 use quiver_core::expert::Expert;
 use quiver_core::library::ExpertLibrary;
 use quiver_core::transform::{
@@ -85,23 +84,10 @@ pub enum EmbedArg {
 }
 
 fn load_experts(g: &GlobalArgs, lib: &ExpertLibrary) -> Result<Vec<Expert>> {
-    let names: Vec<String> = lib.list()?.into_iter().map(|e| e.name).collect();
-    let pb = if crate::progress::enabled(g) {
-        let pb = ProgressBar::new(names.len() as u64);
-        pb.set_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({elapsed})")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
-        pb.set_message("loading experts");
-        pb
-    } else {
-        ProgressBar::hidden()
-    };
-    // Every expert, checked; one that `list` skipped (broken) fails here.
+    let sp = crate::progress::spinner(g, &format!("loading the experts of {}", lib.uri()));
+    // Every expert, checked: one broken expert is an error, not skipped.
     let experts = lib.load_experts(&Device::Cpu, DType::F32);
-    pb.set_position(names.len() as u64);
-    pb.finish_and_clear();
+    sp.finish_and_clear();
     Ok(experts?)
 }
 

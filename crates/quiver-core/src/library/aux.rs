@@ -48,7 +48,7 @@ impl ExpertLibrary {
     pub fn aux_location(&self, kind: &str, config: &serde_json::Value) -> LibraryResult<String> {
         Ok(self
             .storage
-            .display(&format!("{AUX_DIR}/{}/", Self::aux_key(kind, config)?)))
+            .display(&format!("{AUX_DIR}/{}", Self::aux_key(kind, config)?)))
     }
 
     fn aux_file(kind: &str, config: &serde_json::Value, name: &str) -> LibraryResult<String> {

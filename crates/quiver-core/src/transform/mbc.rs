@@ -269,7 +269,7 @@ impl Clustering {
         let text = serde_json::to_string_pretty(self).expect("clustering serialises");
         library.put_aux(CLUSTERS_KIND, &key, CLUSTERING_FILE, text.as_bytes())?;
         Ok(format!(
-            "{}{CLUSTERING_FILE}",
+            "{}/{CLUSTERING_FILE}",
             library.aux_location(CLUSTERS_KIND, &key)?
         ))
     }
@@ -286,7 +286,7 @@ impl Clustering {
         };
         serde_json::from_slice(&bytes).map(Some).map_err(|e| {
             Error::invalid(format!(
-                "{}{CLUSTERING_FILE}: invalid clustering: {e}",
+                "{}/{CLUSTERING_FILE}: invalid clustering: {e}",
                 library
                     .aux_location(CLUSTERS_KIND, &key)
                     .unwrap_or_default()
