@@ -3,10 +3,12 @@
 
 mod args;
 mod commands;
+mod flags;
 mod progress;
 
 use std::process::ExitCode;
 
+use clap::error::ErrorKind;
 use clap::Parser;
 
 // glibc malloc was measured as a large share of a CPU training step (many
@@ -17,7 +19,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     quiver_core::threads::fix_thread_count();
     quiver_core::alloc::keep_freed_memory();
-    let cli = args::Cli::parse();
+    let cli = match args::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return flag_error(e),
+    };
     progress::init_logging(&cli.global);
     match commands::run(cli) {
         Ok(code) => code,
@@ -33,4 +38,28 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// A bad flag as one sentence (`error: invalid value 'tpu' for '--device
+/// <DEVICE>': ...`), without clap's usage block; `--help` and `--version`
+/// print as clap writes them.
+fn flag_error(e: clap::Error) -> ExitCode {
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let line = text
+        .lines()
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    eprintln!("{line}");
+    ExitCode::from(2)
 }

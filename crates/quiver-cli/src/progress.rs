@@ -2,7 +2,7 @@
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::args::GlobalArgs;
+use crate::flags::GlobalArgs;
 
 pub fn init_logging(g: &GlobalArgs) {
     let level = if g.quiet {

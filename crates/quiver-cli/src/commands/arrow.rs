@@ -13,7 +13,7 @@ use quiver_core::expert::model_fingerprint;
 use quiver_core::library::ExpertLibrary;
 use quiver_core::routing::{self, ExampleSource, RouteData, RouteOptions, SelectorKind};
 
-use crate::args::{GlobalArgs, ModelArgs};
+use crate::flags::{GlobalArgs, ModelArgs};
 
 #[derive(Debug, Args)]
 pub struct ArrowArgs {

@@ -16,7 +16,7 @@ use quiver_core::transform::{
     Embedding,
 };
 
-use crate::args::GlobalArgs;
+use crate::flags::GlobalArgs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum MethodArg {

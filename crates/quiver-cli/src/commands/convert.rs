@@ -4,7 +4,8 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
-use crate::args::{ConvertArgs, GlobalArgs};
+use crate::args::ConvertArgs;
+use crate::flags::GlobalArgs;
 
 pub fn run(g: &GlobalArgs, a: ConvertArgs) -> Result<ExitCode> {
     let lm = super::load_model(g, &a.model)?;

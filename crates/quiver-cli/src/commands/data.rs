@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use quiver_core::data::{self, is_held_out, split_examples, DataSource, Example, Split};
 
-use crate::args::GlobalArgs;
+use crate::flags::GlobalArgs;
 
 const SOURCE_HELP: &str =
     "Where the data comes from: `bigbench` or `olmo` (after `quiver fetch`), \

@@ -13,8 +13,8 @@ use quiver_core::data::normalize_input;
 use quiver_core::eval::{self, EvalMode, EvalOptions, EvalReport, EvalSplit};
 use quiver_core::fsutil::write_atomic;
 
-use crate::args::{GlobalArgs, ModelArgs};
 use crate::commands::route::RouteArgs;
+use crate::flags::{GlobalArgs, ModelArgs};
 
 #[derive(Debug, Args, Clone)]
 pub struct EvalArgs {

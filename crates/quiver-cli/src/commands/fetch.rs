@@ -6,7 +6,8 @@ use anyhow::Result;
 use indicatif::ProgressBar;
 use quiver_core::assets::{self, Asset, FetchOutcome, FetchProgress, ASSETS};
 
-use crate::args::{FetchArgs, GlobalArgs};
+use crate::args::FetchArgs;
+use crate::flags::GlobalArgs;
 
 struct Bars<'a> {
     g: &'a GlobalArgs,

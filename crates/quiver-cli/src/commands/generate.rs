@@ -8,7 +8,8 @@ use anyhow::Result;
 use quiver_core::generate::{generate, SamplingParams};
 use quiver_core::tokenizer::ChatMessage;
 
-use crate::args::{GenerateArgs, GlobalArgs};
+use crate::args::GenerateArgs;
+use crate::flags::GlobalArgs;
 
 pub fn run(g: &GlobalArgs, a: GenerateArgs) -> Result<ExitCode> {
     let params = SamplingParams {

@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use quiver_core::library::{format_utc, ExpertEntry, ExpertLibrary};
 
-use crate::args::GlobalArgs;
+use crate::flags::GlobalArgs;
 
 #[derive(Debug, clap::Args)]
 #[command(

@@ -18,7 +18,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 use quiver_core::LoadedModel;
 
-use crate::args::{Cli, Command, GlobalArgs, ModelArgs};
+use crate::args::{Cli, Command};
+use crate::flags::{GlobalArgs, ModelArgs};
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let g = &cli.global;

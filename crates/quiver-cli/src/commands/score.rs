@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 use quiver_core::score::{encode_pair, score_batch};
 
-use crate::args::{GlobalArgs, ScoreArgs};
+use crate::args::ScoreArgs;
+use crate::flags::GlobalArgs;
 
 pub fn run(g: &GlobalArgs, a: ScoreArgs) -> Result<ExitCode> {
     let mut lm = super::load_model(g, &a.model)?;

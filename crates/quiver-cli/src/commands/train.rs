@@ -12,7 +12,8 @@ use quiver_core::expert::{expert_name_for_task, model_fingerprint, validate_name
 use quiver_core::lora::{LoraConfig, TargetModules};
 use quiver_core::train::{make_expert, train_lora, StepStats, TrainConfig, TrainObserver};
 
-use crate::args::{GlobalArgs, InitScheme, TrainArgs};
+use crate::args::{InitScheme, TrainArgs};
+use crate::flags::GlobalArgs;
 
 struct Bar {
     pb: ProgressBar,

@@ -40,7 +40,7 @@ use quiver_core::fsutil::write_atomic;
 use quiver_core::library::ExpertLibrary;
 use quiver_core::routing::RoutingSummary;
 
-use crate::args::GlobalArgs;
+use crate::flags::GlobalArgs;
 pub use config::ExperimentConfig;
 use config::{Lib, RouteSpec, RowKind};
 use report::{Cells, Row, TaskCell};
