@@ -367,3 +367,37 @@ fn bad_route_flags_read_as_one_sentence() {
     assert!(!o.status.success());
     assert!(stderr.contains("cuda:N"), "{stderr}");
 }
+
+#[test]
+fn s3_errors_read_as_their_cause() {
+    // No endpoint reachable: one sentence that says so.
+    let mut c = quiver();
+    c.env("AWS_ACCESS_KEY_ID", "k")
+        .env("AWS_SECRET_ACCESS_KEY", "s")
+        .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+        .args(["library", "ls", "--library", "s3://bkt/lib"]);
+    assert_clean_error(&mut c, &["cannot reach the S3 endpoint", "127.0.0.1:9"]);
+    let Some(server) = s3_server::server() else {
+        return;
+    };
+    // A bucket that does not exist, on a server that does.
+    let mut c = quiver();
+    c.envs(server.env())
+        .args(["library", "ls", "--library", "s3://no-such-bucket-q/lib"]);
+    assert_clean_error(&mut c, &["no-such-bucket-q", "does not exist"]);
+    let mut c = quiver();
+    c.envs(server.env()).args([
+        "score",
+        "--model",
+        &tiny(),
+        "--library",
+        "s3://no-such-bucket-q/lib",
+        "--route",
+        "arrow",
+        "--context",
+        "a",
+        "--continuation",
+        " b",
+    ]);
+    assert_clean_error(&mut c, &["does not exist"]);
+}

@@ -285,12 +285,17 @@ impl ExpertLibrary {
         match lib.read_meta()? {
             Some(_) => Ok(lib),
             None if lib.is_local() => Ok(lib),
-            None => Err(LibraryError::NotALibrary {
+            None => {
+                // Listing names a missing bucket (reads of one look like
+                // missing keys).
+                lib.storage.list("")?;
+                Err(LibraryError::NotALibrary {
                 uri: lib.uri().into(),
-                reason: format!(
-                    "no {LIBRARY_FILE}; `quiver library import` or `quiver library copy` creates one"
-                ),
-            }),
+                    reason: format!(
+                        "no {LIBRARY_FILE}; `quiver library import` or `quiver library copy` creates one"
+                    ),
+                })
+            }
         }
     }
 

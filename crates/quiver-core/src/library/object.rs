@@ -103,6 +103,43 @@ pub(crate) fn parse_s3_uri(uri: &str) -> LibraryResult<(String, String)> {
 }
 
 /// The error message and its sources, on one line.
+/// An object-store error as a sentence a user can act on: the cause first
+/// (no credentials, endpoint unreachable, no such bucket, access denied),
+/// then the client's own message.
+pub(crate) fn explain_s3_error(msg: &str, uri: &str) -> String {
+    let bucket = uri
+        .strip_prefix("s3://")
+        .and_then(|r| r.split('/').next())
+        .unwrap_or("");
+    let cause = if msg.contains("169.254.169.254") {
+        Some("no S3 credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for a server other than AWS); the instance-metadata service, the last resort, did not answer".to_string())
+    } else if msg.contains("NoSuchBucket") || msg.contains("bucket does not exist") {
+        Some(format!("the bucket `{bucket}` does not exist (create it first; Quiver does not create buckets)"))
+    } else if msg.contains("InvalidAccessKeyId")
+        || msg.contains("SignatureDoesNotMatch")
+        || msg.contains("AccessDenied")
+        || msg.contains("403 Forbidden")
+    {
+        Some("access denied: check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and the bucket's permissions".to_string())
+    } else if msg.contains("Connection refused")
+        || msg.contains("tcp connect error")
+        || msg.contains("dns error")
+        || msg.contains("timed out")
+    {
+        let endpoint = std::env::var("AWS_ENDPOINT_URL")
+            .or_else(|_| std::env::var("AWS_ENDPOINT"))
+            .map(|e| format!("at {e}"))
+            .unwrap_or_else(|_| "(AWS itself: AWS_ENDPOINT_URL is not set)".into());
+        Some(format!("cannot reach the S3 endpoint {endpoint}; check AWS_ENDPOINT_URL and that the server is running"))
+    } else {
+        None
+    };
+    match cause {
+        Some(c) => format!("{c} ({msg})"),
+        None => msg.to_string(),
+    }
+}
+
 fn chain(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
     let mut src = e.source();
@@ -115,6 +152,31 @@ fn chain(e: &dyn std::error::Error) -> String {
         src = s.source();
     }
     msg
+}
+
+#[cfg(test)]
+mod explain_tests {
+    use super::explain_s3_error;
+
+    #[test]
+    fn s3_errors_name_their_cause() {
+        let uri = "s3://bkt/lib";
+        let e = explain_s3_error(
+            "Generic S3 error: Error performing PUT http://169.254.169.254/latest/api/token",
+            uri,
+        );
+        assert!(
+            e.starts_with("no S3 credentials") && e.contains("AWS_ACCESS_KEY_ID"),
+            "{e}"
+        );
+        let e = explain_s3_error("<Code>NoSuchBucket</Code>", uri);
+        assert!(e.contains("the bucket `bkt` does not exist"), "{e}");
+        let e = explain_s3_error("tcp connect error: Connection refused (os error 111)", uri);
+        assert!(e.starts_with("cannot reach the S3 endpoint"), "{e}");
+        let e = explain_s3_error("<Code>InvalidAccessKeyId</Code>", uri);
+        assert!(e.starts_with("access denied"), "{e}");
+        assert_eq!(explain_s3_error("something else", uri), "something else");
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -255,7 +317,7 @@ impl ObjectStorage {
     }
 
     fn err(&self, key: &str, e: object_store::Error) -> LibraryError {
-        storage(self.display(key), chain(&e))
+        storage(self.display(key), explain_s3_error(&chain(&e), &self.uri))
     }
 
     fn block_on<F>(&self, f: F) -> F::Output
