@@ -339,6 +339,43 @@ fn an_adapter_for_another_base_model_is_refused() {
         &mut score(&lib, &[], "expert:llama2_adapter"),
         &["meta-llama/Llama-2-7b-hf"],
     );
+    // A library that knows its base model refuses it at import.
+    let mut quiver_expert =
+        Expert::load(&fixture("peft_tiny_llama"), &Device::Cpu, DType::F32).unwrap();
+    quiver_expert.name = "q0".into();
+    quiver_expert.info = Some(quiver_core::expert::ExpertInfo {
+        name: "q0".into(),
+        tasks: vec!["t".into()],
+        base_model: quiver_core::expert::BaseModelId {
+            id: tiny(),
+            fingerprint: "fp".into(),
+        },
+        training: serde_json::json!({}),
+        metrics: Default::default(),
+        created: 0,
+    });
+    let q0 = tmp.path().join("q0");
+    quiver_expert.save(&q0).unwrap();
+    let based = tmp.path().join("based").display().to_string();
+    ok(quiver()
+        .args(["library", "import", "--library", &based])
+        .arg(&q0));
+    let mut c = quiver();
+    c.args(["library", "import", "--library", &based])
+        .arg(&other);
+    assert_clean_error(
+        &mut c,
+        &["meta-llama/Llama-2-7b-hf", "--allow-base-mismatch"],
+    );
+    ok(quiver()
+        .args([
+            "library",
+            "import",
+            "--allow-base-mismatch",
+            "--library",
+            &based,
+        ])
+        .arg(&other));
     // The tiny Llama's own adapter on the tiny Qwen2.
     let mut c = quiver();
     c.args(["score", "--model"])

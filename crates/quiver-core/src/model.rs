@@ -66,10 +66,9 @@ pub struct LoadedModel {
 /// The Hugging Face Hub ids of the built-in models.
 const BUILTIN_HUB_IDS: &[(&str, &str)] = &[("smollm2-135m", "HuggingFaceTB/SmolLM2-135M")];
 
-/// Loads a model by `--model` argument onto `device`, in `dtype`.
-pub fn load(spec: &str, device: &Device, dtype: DType) -> Result<LoadedModel> {
-    let source = ModelSource::resolve(spec)?;
-    let mut lm = load_source(source, device, dtype)?;
+/// The names a `--model` spec goes by: itself, and the Hub id of a
+/// built-in model.
+pub fn known_names(spec: &str) -> Vec<String> {
     let mut names = vec![spec.to_string()];
     names.extend(
         BUILTIN_HUB_IDS
@@ -77,6 +76,14 @@ pub fn load(spec: &str, device: &Device, dtype: DType) -> Result<LoadedModel> {
             .filter(|(n, _)| *n == spec)
             .map(|(_, id)| id.to_string()),
     );
+    names
+}
+
+/// Loads a model by `--model` argument onto `device`, in `dtype`.
+pub fn load(spec: &str, device: &Device, dtype: DType) -> Result<LoadedModel> {
+    let source = ModelSource::resolve(spec)?;
+    let mut lm = load_source(source, device, dtype)?;
+    let mut names = known_names(spec);
     names.append(&mut lm.names);
     lm.names = names;
     Ok(lm)

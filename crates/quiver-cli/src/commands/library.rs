@@ -55,6 +55,10 @@ pub enum LibraryCommand {
         /// quiver_expert.json, else the directory's name).
         #[arg(long)]
         name: Option<String>,
+        /// Import PEFT adapters whose base_model_name_or_path does not name the
+        /// library's base model (when you know they are the same weights).
+        #[arg(long)]
+        allow_base_mismatch: bool,
     },
     /// Write an expert as a PEFT adapter directory DIR (must not exist, or be empty).
     Export { name: String, dir: PathBuf },
@@ -244,13 +248,17 @@ pub fn run(g: &GlobalArgs, a: LibraryArgs) -> Result<ExitCode> {
                 println!("  {f:<28} {:>10}  sha256 {}", human_size(d.size), d.sha256);
             }
         }
-        LibraryCommand::Import { paths, name } => {
+        LibraryCommand::Import {
+            paths,
+            name,
+            allow_base_mismatch,
+        } => {
             if name.is_some() && paths.len() != 1 {
                 bail!("--name needs exactly one PATH (got {})", paths.len());
             }
             let lib = ExpertLibrary::open_or_create(&library_uri(&a.library)?)?;
             for p in &paths {
-                let res = lib.import_dir(p, name.as_deref());
+                let res = lib.import_dir_with(p, name.as_deref(), allow_base_mismatch);
                 // With several paths, say which one failed (one path: the
                 // message names it or its expert already).
                 let n = if paths.len() > 1 {

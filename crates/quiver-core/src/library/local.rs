@@ -279,7 +279,8 @@ impl Storage for LocalStorage {
         let mut out = Vec::new();
         for entry in rd.flatten() {
             out.push(format!(
-                "{}: left by an interrupted (or ongoing) write or delete; never listed, safe to delete once no writer runs",
+                "{}: left by an interrupted (or ongoing) write or delete; never listed; once no writer runs, `rm -rf {}` deletes it",
+                entry.path().display(),
                 entry.path().display()
             ));
         }

@@ -631,10 +631,38 @@ impl ExpertLibrary {
     /// byte for byte. The name defaults to the one in its
     /// `quiver_expert.json`, else to the directory's name. Returns the name.
     pub fn import_dir(&self, dir: &Path, name: Option<&str>) -> LibraryResult<String> {
+        self.import_dir_with(dir, name, false)
+    }
+
+    /// [`ExpertLibrary::import_dir`]; a PEFT adapter whose
+    /// `base_model_name_or_path` does not name the library's base model is
+    /// refused unless `allow_base_mismatch`.
+    pub fn import_dir_with(
+        &self,
+        dir: &Path,
+        name: Option<&str>,
+        allow_base_mismatch: bool,
+    ) -> LibraryResult<String> {
         if let Some(n) = name {
             validate_name(n)?;
         }
         let expert = Expert::load(dir, &Device::Cpu, DType::F32)?;
+        if let (None, Some(b), Some(lib_base), false) = (
+            &expert.info,
+            &expert.config.base_model_name_or_path,
+            self.base_model()?,
+            allow_base_mismatch,
+        ) {
+            let names = crate::model::known_names(&lib_base.id);
+            if !crate::expert::base_name_matches(b, &names) {
+                return Err(invalid(format!(
+                    "{}: the adapter was made for base model `{b}` (base_model_name_or_path in its {ADAPTER_CONFIG}), but library {} holds experts for `{}`; pass --allow-base-mismatch if they are the same weights",
+                    dir.display(),
+                    self.uri(),
+                    lib_base.id
+                )));
+            }
+        }
         let name = match name {
             Some(n) => n.to_string(),
             None => match &expert.info {
