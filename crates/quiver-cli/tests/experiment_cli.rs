@@ -3,6 +3,9 @@
 //! run), held-out tasks refused as training data, and, with the fetched
 //! assets, SmolLM2 on ARC-Easy.
 
+#[path = "../../quiver-core/tests/fixtures/library/s3_server.rs"]
+mod s3_server;
+
 mod common;
 
 use std::path::Path;
@@ -446,4 +449,54 @@ fn killing_the_experiment_ends_its_running_step() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn experiment_libraries_on_s3_give_the_same_table() {
+    let Some(server) = s3_server::server() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (train, eval) = write_data(dir.path());
+    let cfg = write_config(
+        dir.path(),
+        &train,
+        &eval,
+        r#""plural_a", "reverse_a", "reverse_b""#,
+    );
+    let table = |out: &Path, root: Option<&str>| {
+        let mut c = quiver();
+        c.envs(server.env()).args([
+            "experiment",
+            "--no-progress",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        if let Some(r) = root {
+            c.args(["--library-root", r]);
+        }
+        let (o, table, err) = run(&mut c);
+        assert!(o.status.success(), "{err}");
+        let rows: Vec<String> = table
+            .lines()
+            .filter(|l| l.starts_with("| "))
+            .map(str::to_string)
+            .collect();
+        assert!(rows.len() > 3, "{table}");
+        rows
+    };
+    let local = table(&dir.path().join("local"), None);
+    let root = format!("s3://{}/exp", server.bucket());
+    let remote = table(&dir.path().join("remote"), Some(&root));
+    assert_eq!(local, remote);
+    // The libraries are on S3, not under the output directory.
+    assert!(!dir.path().join("remote/private").exists());
+    let bucket = root.trim_start_matches("s3://").split('/').next().unwrap();
+    let keys = server.keys(bucket, "exp/private/");
+    assert!(
+        keys.iter().any(|k| k.ends_with("quiver_manifest.json")),
+        "{keys:?}"
+    );
 }

@@ -135,6 +135,10 @@ pub struct LibrarySection {
     /// What MBC flattens: `delta` (default) or `weights` (`quiver cluster --embed`).
     #[serde(default = "d_embed")]
     pub embed: String,
+    /// Where the libraries live: a directory or `s3://bucket/prefix` (default:
+    /// the output directory); `quiver experiment --library-root` overrides it.
+    #[serde(default)]
+    pub root: Option<String>,
 }
 
 impl Default for LibrarySection {
@@ -142,6 +146,7 @@ impl Default for LibrarySection {
         Self {
             k: 10,
             seed: 42,
+            root: None,
             embed: d_embed(),
         }
     }

@@ -79,6 +79,10 @@ pub struct ExperimentArgs {
     /// Output directory: libraries, clusterings, evaluations, results (default: runs/<name>).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Where the libraries live instead of OUT: a directory or `s3://bucket/prefix`
+    /// (each library is ROOT/private, ROOT/mbc, ...); overrides `[library] root`.
+    #[arg(long, value_name = "DIR|s3://BUCKET/PREFIX")]
+    pub library_root: Option<String>,
     /// Print the plan and the commands, run nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -371,14 +375,20 @@ fn train_data(cfg: &ExperimentConfig) -> Option<String> {
     }
 }
 
-/// Experts in a library directory.
-fn library_size(dir: &Path) -> usize {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter(|e| e.path().join("quiver_expert.json").exists())
-                .count()
-        })
+/// Where library `lib` of the experiment lives: `[library] root` (a
+/// directory or `s3://bucket/prefix`) or the output directory.
+pub(super) fn lib_uri(cfg: &ExperimentConfig, out: &Path, lib: Lib) -> String {
+    match &cfg.library.root {
+        Some(root) => format!("{}/{}", root.trim_end_matches('/'), lib.dir()),
+        None => out.join(lib.dir()).display().to_string(),
+    }
+}
+
+/// Experts in a library (0 when it does not exist yet).
+fn library_size(uri: &str) -> usize {
+    ExpertLibrary::open(uri)
+        .and_then(|l| l.list())
+        .map(|l| l.len())
         .unwrap_or(0)
 }
 
@@ -401,10 +411,10 @@ fn route_args(cfg: &ExperimentConfig, out: &Path, spec: &RowKind) -> Vec<String>
         route.to_string(),
     ];
     if let Some(lib) = lib {
-        let dir = out.join(lib.dir());
-        args.extend(["--library".into(), dir.display().to_string()]);
+        let uri = lib_uri(cfg, out, *lib);
         let kind = route.selector_kind();
-        let size = library_size(&dir) - usize::from(*gks);
+        let size = library_size(&uri).saturating_sub(usize::from(*gks));
+        args.extend(["--library".into(), uri]);
         if kind.is_some() && size > 0 {
             let k = top_k.unwrap_or(cfg.eval.top_k).min(size);
             args.extend(["--top-k".into(), k.to_string()]);
@@ -431,7 +441,7 @@ fn expert_args(cfg: &ExperimentConfig, out: &Path, lib: Lib, expert: &str) -> Ve
         "--route".into(),
         format!("expert:{expert}"),
         "--library".into(),
-        out.join(lib.dir()).display().to_string(),
+        lib_uri(cfg, out, lib),
     ]
 }
 
@@ -461,11 +471,10 @@ fn cells(e: &EvalOut) -> Cells {
 /// The library `private+shared`: every private expert and the shared one,
 /// for GenKnowSub (copied, each checked on the way; experts already there
 /// are skipped).
-fn link_private_shared(out: &Path) -> Result<()> {
-    let dst =
-        ExpertLibrary::open_or_create(&out.join(Lib::PrivateShared.dir()).display().to_string())?;
+fn link_private_shared(cfg: &ExperimentConfig, out: &Path) -> Result<()> {
+    let dst = ExpertLibrary::open_or_create(&lib_uri(cfg, out, Lib::PrivateShared))?;
     for lib in [Lib::Private, Lib::Shared] {
-        let src = ExpertLibrary::open(&out.join(lib.dir()).display().to_string())?;
+        let src = ExpertLibrary::open(&lib_uri(cfg, out, lib))?;
         let report = src.copy_to(&dst)?;
         if !report.conflicts.is_empty() {
             bail!(
@@ -482,7 +491,10 @@ fn link_private_shared(out: &Path) -> Result<()> {
 pub fn run_experiment(g: &GlobalArgs, a: ExperimentArgs) -> Result<ExitCode> {
     let text = std::fs::read_to_string(&a.config)
         .with_context(|| format!("cannot read {}", a.config.display()))?;
-    let cfg = ExperimentConfig::parse(&text, &a.config.display().to_string())?;
+    let mut cfg = ExperimentConfig::parse(&text, &a.config.display().to_string())?;
+    if a.library_root.is_some() {
+        cfg.library.root = a.library_root.clone();
+    }
     let out = a
         .out
         .clone()
@@ -505,14 +517,18 @@ pub fn run_demo(g: &GlobalArgs, a: DemoArgs) -> Result<ExitCode> {
 fn estimate_seconds(cfg: &ExperimentConfig, out: &Path) -> f64 {
     let t = &cfg.train;
     let per_step = (t.batch_size * t.grad_accum) as f64 * 1.5 / 4.0;
-    let have = |lib: &str, name: &str| out.join(lib).join(name).join("quiver_expert.json").exists();
+    let have = |lib: Lib, name: &str| {
+        ExpertLibrary::open(&lib_uri(cfg, out, lib))
+            .and_then(|l| l.contains(name))
+            .unwrap_or(false)
+    };
     let libs = cfg.libraries();
     let mut steps = 0usize;
     if libs.contains(&Lib::Private) {
         steps += cfg
             .train_tasks()
             .iter()
-            .filter(|task| !have("private", &expert_name_for_task(task)))
+            .filter(|task| !have(Lib::Private, &expert_name_for_task(task)))
             .count()
             * t.steps;
     }
@@ -522,18 +538,18 @@ fn estimate_seconds(cfg: &ExperimentConfig, out: &Path) -> f64 {
             steps += cfg
                 .library
                 .k
-                .saturating_sub(library_size(&out.join(lib.dir())))
+                .saturating_sub(library_size(&lib_uri(cfg, out, lib)))
                 * cluster_steps;
         }
     }
-    if libs.contains(&Lib::Shared) && !have("shared", "shared") {
+    if libs.contains(&Lib::Shared) && !have(Lib::Shared, "shared") {
         steps += t.shared_steps.unwrap_or(cluster_steps);
     }
     if libs.contains(&Lib::Oracle) {
         steps += cfg
             .held_out()
             .iter()
-            .filter(|task| !have("oracle", &expert_name_for_task(task)))
+            .filter(|task| !have(Lib::Oracle, &expert_name_for_task(task)))
             .count()
             * t.oracle_steps.unwrap_or(t.steps);
     }
@@ -643,7 +659,7 @@ fn run_pipeline(
     }
     let logs = out.join("logs");
     let libs = cfg.libraries();
-    let lib_path = |l: Lib| out.join(l.dir()).display().to_string();
+    let lib_path = |l: Lib| lib_uri(cfg, out, l);
     let guard: Vec<String> = if held_out.is_empty() {
         Vec::new()
     } else {
@@ -802,7 +818,7 @@ fn run_pipeline(
         run_step(g, s)?;
     }
     if libs.contains(&Lib::PrivateShared) {
-        link_private_shared(out)?;
+        link_private_shared(cfg, out)?;
     }
 
     let mut results = report::Results::new(cfg, out, contamination);
