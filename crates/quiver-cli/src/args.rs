@@ -52,7 +52,8 @@ pub enum Command {
     /// cluster and shared experts, then every route on the held-out tasks, as one table.
     Experiment(crate::commands::experiment::ExperimentArgs),
     /// The main job at demo size on SmolLM2-135M (configs/demo.toml): train a small
-    /// library, build MBC experts, route with Arrow, compare on the seven held-out tasks.
+    /// library, build MBC experts, route with Arrow, compare routes with paired intervals
+    /// on held-out sibling tasks of the library's families.
     Demo(crate::commands::experiment::DemoArgs),
 }
 
@@ -81,10 +82,10 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,
     /// Sampling temperature; 0 is greedy decoding (the default).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f64,
     /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f64,
     /// Seed of the sampler (only matters with --temperature > 0).
     #[arg(long, default_value_t = 0)]
@@ -159,22 +160,22 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 100)]
     pub steps: usize,
     /// Peak learning rate (AdamW).
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 1e-4, allow_negative_numbers = true)]
     pub lr: f64,
     /// Fraction of steps spent warming the learning rate up linearly.
-    #[arg(long, default_value_t = 0.06)]
+    #[arg(long, default_value_t = 0.06, allow_negative_numbers = true)]
     pub warmup_ratio: f64,
     /// AdamW weight decay.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub weight_decay: f64,
     /// LoRA rank r.
     #[arg(long, default_value_t = 4)]
     pub rank: usize,
     /// LoRA alpha (the update is scaled by alpha / r).
-    #[arg(long, default_value_t = 16.0)]
+    #[arg(long, default_value_t = 16.0, allow_negative_numbers = true)]
     pub alpha: f64,
     /// Dropout on the LoRA input during training.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
     pub dropout: f64,
     /// Modules to adapt: comma-separated names (suffix match, as PEFT), or
     /// `all-linear`, or `re:REGEX` matched against full module names.

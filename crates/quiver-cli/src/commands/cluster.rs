@@ -58,7 +58,7 @@ pub struct ClusterArgs {
     #[arg(long)]
     pub plot: Option<PathBuf>,
     /// Fraction of each expert's weights zeroed before the SVD (smallest |values| first).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
     pub sparsity: f64,
     /// SVD components kept (fewer when the library has fewer experts).
     #[arg(long, default_value_t = 64)]

@@ -34,8 +34,8 @@ pub struct EvalArgs {
     /// Which examples: `validation` (default), `test`, `train`, or `all` (BIG-bench/JSONL
     /// tasks only). Olmo tasks use their split files; BIG-bench and JSONL tasks the
     /// 80/10/10 split that `quiver train` uses, so trained tasks are evaluated on unseen items.
-    #[arg(long, default_value = "validation")]
-    pub split: String,
+    #[arg(long, default_value = "validation", value_parser = parse_split)]
+    pub split: SplitArg,
     /// Train and validation fractions of the split of BIG-bench and JSONL tasks,
     /// TRAIN,VALIDATION (test gets the rest); as `quiver train --split-fractions`.
     #[arg(long, default_value = "0.8,0.1")]
@@ -45,8 +45,8 @@ pub struct EvalArgs {
     pub seed: u64,
     /// `auto` (generation + exact match for BIG-Bench-Hard and tasks without options,
     /// log-likelihood multiple choice otherwise), `mc` or `generate`.
-    #[arg(long, default_value = "auto")]
-    pub mode: String,
+    #[arg(long, value_enum, default_value_t = ModeArg::Auto)]
+    pub mode: ModeArg,
     /// Tokens generated at most per item in generation mode (stops earlier at a newline).
     #[arg(long, default_value_t = 32)]
     pub max_new_tokens: usize,
@@ -71,18 +71,48 @@ pub struct EvalArgs {
     pub routing_summary: Option<PathBuf>,
 }
 
-fn parse_mode(s: &str) -> Result<Option<EvalMode>> {
-    match s {
-        "auto" => Ok(None),
-        "mc" | "multiple-choice" | "multiple_choice" => Ok(Some(EvalMode::MultipleChoice)),
-        "generate" | "gen" => Ok(Some(EvalMode::Generate)),
-        _ => bail!("--mode `{s}`: expected auto, mc or generate"),
+/// `--split`: the parsed split and how the user wrote it (the report keeps
+/// the latter).
+#[derive(Debug, Clone)]
+pub struct SplitArg {
+    pub split: EvalSplit,
+    pub name: String,
+}
+
+fn parse_split(s: &str) -> Result<SplitArg, String> {
+    let split = s.parse().map_err(|e: quiver_core::Error| e.to_string())?;
+    Ok(SplitArg {
+        split,
+        name: s.to_string(),
+    })
+}
+
+/// `--mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    /// Generation for BIG-Bench-Hard and tasks without options, multiple choice otherwise.
+    Auto,
+    /// Log-likelihood multiple choice.
+    #[value(alias = "multiple-choice", alias = "multiple_choice")]
+    Mc,
+    /// Greedy generation and exact match.
+    #[value(alias = "gen")]
+    Generate,
+}
+
+impl ModeArg {
+    fn mode(self) -> Option<EvalMode> {
+        match self {
+            ModeArg::Auto => None,
+            ModeArg::Mc => Some(EvalMode::MultipleChoice),
+            ModeArg::Generate => Some(EvalMode::Generate),
+        }
     }
 }
 
 /// Runs the evaluation and returns the report (also used by `quiver demo`).
 pub fn evaluate(g: &GlobalArgs, a: &EvalArgs) -> Result<EvalReport> {
-    let split: EvalSplit = a.split.parse()?;
+    let split = a.split.split;
     if a.limit == Some(0) {
         bail!("--limit must be at least 1");
     }
@@ -92,7 +122,7 @@ pub fn evaluate(g: &GlobalArgs, a: &EvalArgs) -> Result<EvalReport> {
     let opts = EvalOptions {
         limit: a.limit,
         seed: a.seed,
-        mode: parse_mode(&a.mode)?,
+        mode: a.mode.mode(),
         max_new_tokens: a.max_new_tokens,
     };
     let home = quiver_core::assets::quiver_home();
@@ -209,7 +239,7 @@ pub fn evaluate(g: &GlobalArgs, a: &EvalArgs) -> Result<EvalReport> {
         &a.model.model,
         &route,
         &opts,
-        &a.split,
+        &a.split.name,
         results,
     ))
 }

@@ -37,7 +37,7 @@ pub struct RouteArgs {
     #[arg(long)]
     pub top_k: Option<usize>,
     /// Router softmax temperature (default: arrow 1, mu and phatgoose sqrt(d)).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub router_temperature: Option<f64>,
     /// How the chosen experts are combined: `output` (sum of w_e s B_e A_e x, as
     /// PEFT's Arrow) or `factor` (s (sum w_e B_e)(sum w_e A_e) x, as mttl).
