@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use quiver_core::expert::model_fingerprint;
 use quiver_core::library::ExpertLibrary;
-use quiver_core::routing::{self, ExampleSource, RouteData, RouteOptions, SelectorKind};
+use quiver_core::routing::{self, RouteData, RouteOptions, RouteSpec, SelectorKind};
 
 use crate::flags::{GlobalArgs, ModelArgs};
 
@@ -58,7 +58,20 @@ pub fn run(g: &GlobalArgs, a: ArrowArgs) -> Result<ExitCode> {
     };
     let start = Instant::now();
     let lib = ExpertLibrary::open(&a.library)?;
+    let spec = RouteSpec {
+        options: RouteOptions {
+            gks: a.gks.clone(),
+            ..RouteOptions::default()
+        },
+        data: RouteData {
+            source: a.source.clone(),
+            split_seed: a.split_seed,
+        },
+        allow_base_mismatch: a.allow_base_mismatch,
+        ..RouteSpec::default()
+    };
     let (n_experts, n_modules, stats) = if kind == SelectorKind::Arrow {
+        // Arrow needs no model: its prototypes come from the weights alone.
         let device = a.model.device.device()?;
         let all = lib.load_experts(&device, a.model.dtype.dtype())?;
         routing::check_compatible(&all)?;
@@ -75,17 +88,7 @@ pub fn run(g: &GlobalArgs, a: ArrowArgs) -> Result<ExitCode> {
             }
             e.check_fits(&lm.model, None)?;
         }
-        routing::check_compatible(&all)?;
         let experts = routing::gen_know_sub(&all, &a.gks)?;
-        let data = RouteData {
-            source: a.source.clone(),
-            split_seed: a.split_seed,
-        };
-        let get = |e: &quiver_core::expert::Expert| data.examples(e);
-        let src = ExampleSource {
-            id: data.id(),
-            examples: Some(&get),
-        };
         let sp = crate::progress::spinner(
             g,
             &format!(
@@ -93,19 +96,7 @@ pub fn run(g: &GlobalArgs, a: ArrowArgs) -> Result<ExitCode> {
                 experts.len()
             ),
         );
-        let opts = RouteOptions {
-            gks: a.gks.clone(),
-            ..RouteOptions::default()
-        };
-        let res = routing::learned_prototypes_cached(
-            &lib,
-            &experts,
-            kind,
-            &mut lm.model,
-            &lm.tokenizer,
-            &src,
-            &opts,
-        );
+        let res = routing::session::prototypes(&mut lm, &lib, &experts, kind, &spec);
         sp.finish_and_clear();
         let (_, stats) = res?;
         (experts.len(), all[0].weights.len(), stats)

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use super::{
     arrow_prototypes_cached, check_compatible, expert_examples, gen_know_sub, install,
-    learned_prototypes_cached, router, ExampleSource, Installed, PrototypeStats, Route,
+    learned_prototypes_cached, router, ExampleSource, Installed, PrototypeStats, Prototypes, Route,
     RouteObserver, RouteOptions, SelectorKind,
 };
 use crate::data::{DataSource, Example, DEFAULT_CAP};
@@ -138,11 +138,14 @@ pub fn install_route(
     let device = lm.model.device().clone();
     let dtype = lm.model.dtype();
     let fingerprint = model_fingerprint(&lm.model)?;
+    // Shapes and compatibility are `install`'s checks; the base model is
+    // this door's.
     let check = |e: &Expert| -> Result<()> {
-        if !spec.allow_base_mismatch {
-            e.check_base(&fingerprint, &lm.names)?;
+        if spec.allow_base_mismatch {
+            Ok(())
+        } else {
+            e.check_base(&fingerprint, &lm.names)
         }
-        e.check_fits(&lm.model, None)
     };
     // One expert: load only it, so the rest of the library does not matter.
     if let Route::Expert(name) = route {
@@ -165,32 +168,14 @@ pub fn install_route(
             prototypes: None,
         });
     }
-    check_compatible(&all)?;
     let experts = gen_know_sub(&all, &spec.options.gks)?;
     if let Some(k) = spec.options.top_k {
         router::check_top_k(k, experts.len())?;
     }
     let (protos, stats) = match route.selector_kind() {
         None => (None, None),
-        Some(SelectorKind::Arrow) => {
-            let (p, s) = arrow_prototypes_cached(lib, &experts, &spec.options.gks)?;
-            (Some(p), Some(s))
-        }
         Some(kind) => {
-            let get = |e: &Expert| spec.data.examples(e);
-            let src = ExampleSource {
-                id: spec.data.id(),
-                examples: Some(&get),
-            };
-            let (p, s) = learned_prototypes_cached(
-                lib,
-                &experts,
-                kind,
-                &mut lm.model,
-                &lm.tokenizer,
-                &src,
-                &spec.options,
-            )?;
+            let (p, s) = prototypes(lm, lib, &experts, kind, spec)?;
             (Some(p), Some(s))
         }
     };
@@ -207,4 +192,36 @@ pub fn install_route(
         experts: experts.iter().map(|e| e.name.clone()).collect(),
         prototypes: stats,
     })
+}
+
+/// The prototypes of `experts` (the library's, after GenKnowSub with
+/// `spec`'s experts) for a per-token route of `kind`, from the library's
+/// auxiliary store or computed and stored there: Arrow's from the weights
+/// alone, mu's and PHATGOOSE's by running the model on each expert's data
+/// (`spec.data`).
+pub fn prototypes(
+    lm: &mut LoadedModel,
+    lib: &ExpertLibrary,
+    experts: &[Expert],
+    kind: SelectorKind,
+    spec: &RouteSpec,
+) -> Result<(Prototypes, PrototypeStats)> {
+    check_compatible(experts)?;
+    if kind == SelectorKind::Arrow {
+        return arrow_prototypes_cached(lib, experts, &spec.options.gks);
+    }
+    let get = |e: &Expert| spec.data.examples(e);
+    let src = ExampleSource {
+        id: spec.data.id(),
+        examples: Some(&get),
+    };
+    learned_prototypes_cached(
+        lib,
+        experts,
+        kind,
+        &mut lm.model,
+        &lm.tokenizer,
+        &src,
+        &spec.options,
+    )
 }
