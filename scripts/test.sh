@@ -41,13 +41,13 @@ venv="$root/.venv"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv" || { apt-get update -qq && apt-get install -y -qq python3-venv && python3 -m venv "$venv"; }
 fi
-if ! "$venv/bin/python" -c "import torch, transformers, peft, moto.server" >/dev/null 2>&1; then
+if ! "$venv/bin/python" -c "import torch, transformers, peft, moto.server, openai" >/dev/null 2>&1; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r scripts/interop/requirements.txt
 fi
 py="$venv/bin/python"
 
 say "Rust tests (real model and S3 server required)"
-QUIVER_REQUIRE_ASSETS=1 QUIVER_REQUIRE_S3=1 QUIVER_PYTHON="$py" cargo test --release --workspace --locked
+QUIVER_REQUIRE_ASSETS=1 QUIVER_REQUIRE_S3=1 QUIVER_REQUIRE_OPENAI=1 QUIVER_PYTHON="$py" cargo test --release --workspace --locked
 
 say "Python interop: transformers loads what quiver convert writes"
 work=$(mktemp -d)

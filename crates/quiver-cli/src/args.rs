@@ -51,6 +51,9 @@ pub enum Command {
     /// Run the whole pipeline from a TOML file: private experts, MBC and random clusters,
     /// cluster and shared experts, then every route on the held-out tasks, as one table.
     Experiment(crate::commands::experiment::ExperimentArgs),
+    /// Serve the model, its experts and routes over an OpenAI-compatible HTTP API
+    /// (/v1/completions, /v1/chat/completions, /v1/models, /health).
+    Serve(crate::commands::serve::ServeArgs),
     /// The main job at demo size on SmolLM2-135M (configs/demo.toml): train a small
     /// library, build MBC experts, route with Arrow, compare routes with paired intervals
     /// on held-out sibling tasks of the library's families.

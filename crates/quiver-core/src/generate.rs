@@ -54,6 +54,15 @@ pub enum StopReason {
     Eos,
     MaxTokens,
     ContextFull,
+    /// The caller asked to stop (a stop sequence, a client gone).
+    Stopped,
+}
+
+/// What a token callback of [`generate_until`] tells the generator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Stop,
 }
 
 /// Picks the next token from `(vocab,)` logits.
@@ -126,6 +135,20 @@ pub fn generate(
     eos_ids: &[u32],
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<(Vec<u32>, StopReason)> {
+    generate_until(model, prompt, params, eos_ids, |id| {
+        on_token(id).map(|()| Flow::Continue)
+    })
+}
+
+/// [`generate`], where the callback may end generation after any token
+/// ([`StopReason::Stopped`]); the token it saw is kept in the output.
+pub fn generate_until(
+    model: &Llama,
+    prompt: &[u32],
+    params: &SamplingParams,
+    eos_ids: &[u32],
+    mut on_token: impl FnMut(u32) -> Result<Flow>,
+) -> Result<(Vec<u32>, StopReason)> {
     params.validate()?;
     if prompt.is_empty() {
         return Err(Error::invalid("the prompt is empty"));
@@ -152,7 +175,9 @@ pub fn generate(
             return Ok((out, StopReason::Eos));
         }
         out.push(next);
-        on_token(next)?;
+        if on_token(next)? == Flow::Stop {
+            return Ok((out, StopReason::Stopped));
+        }
         if pos >= max {
             return Ok((out, StopReason::ContextFull));
         }

@@ -11,6 +11,7 @@ mod generate;
 pub mod library;
 pub mod route;
 mod score;
+pub mod serve;
 mod train;
 
 use std::process::ExitCode;
@@ -36,6 +37,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Eval(a) => eval::run(g, a),
         Command::Experiment(a) => experiment::run_experiment(g, a),
         Command::Demo(a) => experiment::run_demo(g, a),
+        Command::Serve(a) => serve::run(g, a),
     }
 }
 

@@ -1,0 +1,167 @@
+//! The model thread: owns the loaded model and the libraries, takes jobs
+//! from a queue, installs each job's route (through the core's one door,
+//! `routing::install_route`, reusing the installed route when the next job
+//! asks for the same one) and streams tokens back.
+//!
+//! Jobs run one at a time, in arrival order. Continuous batching (several
+//! sequences, each with its own route, in one forward pass) is not built
+//! yet; see the crate's documentation.
+
+use std::sync::mpsc;
+
+use quiver_core::generate::{generate_until, Flow, SamplingParams, StopReason};
+use quiver_core::library::ExpertLibrary;
+use quiver_core::routing::{install_route, RouteSpec};
+use quiver_core::LoadedModel;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// Which library and route a job runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    /// Index into the server's libraries (`None`: the base model).
+    pub library: Option<usize>,
+    pub spec: RouteSpec,
+}
+
+/// One generation.
+#[derive(Debug)]
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub stop: Vec<String>,
+    pub target: Target,
+    pub events: UnboundedSender<Event>,
+}
+
+/// What a job sends back, in order: text pieces, then one `Done` or `Error`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Text(String),
+    Done {
+        reason: StopReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Error(String),
+}
+
+/// Starts the model thread; jobs sent to the returned queue run in order.
+pub fn start(mut lm: LoadedModel, libraries: Vec<ExpertLibrary>) -> mpsc::Sender<Job> {
+    let (tx, rx) = mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name("quiver-model".into())
+        .spawn(move || {
+            let mut installed: Option<Target> = None;
+            for job in rx {
+                if let Err(e) = run_job(&mut lm, &libraries, &mut installed, &job) {
+                    let _ = job.events.send(Event::Error(e.to_string()));
+                }
+            }
+        })
+        .expect("the model thread starts");
+    tx
+}
+
+fn run_job(
+    lm: &mut LoadedModel,
+    libraries: &[ExpertLibrary],
+    installed: &mut Option<Target>,
+    job: &Job,
+) -> quiver_core::Result<()> {
+    if installed.as_ref() != Some(&job.target) {
+        *installed = None;
+        let lib = job.target.library.map(|i| &libraries[i]);
+        let session = install_route(lm, lib, &job.target.spec, None)?;
+        tracing::info!("route: {}", session.installed.description);
+        *installed = Some(job.target.clone());
+    }
+    let tok = &lm.tokenizer;
+    let mut ids: Vec<u32> = Vec::new();
+    let mut sent = 0usize;
+    let mut stopped_at: Option<usize> = None;
+    let (out, reason) = generate_until(&lm.model, &job.prompt, &job.params, tok.eos_ids(), |id| {
+        ids.push(id);
+        // Decode the whole tail: byte-level tokens may split a character.
+        let text = tok.decode(&ids, true)?;
+        if text.ends_with('\u{FFFD}') {
+            return Ok(Flow::Continue);
+        }
+        let mut end = text.len();
+        let mut stop = false;
+        if let Some(at) = job
+            .stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
+            end = at;
+            stop = true;
+            stopped_at = Some(at);
+        }
+        // Hold back a tail that could still grow into a stop sequence.
+        let hold = if stop {
+            0
+        } else {
+            job.stop
+                .iter()
+                .map(|s| longest_prefix_suffix(&text[..end], s))
+                .max()
+                .unwrap_or(0)
+        };
+        let ready = floor_char_boundary(&text, end - hold);
+        if ready > sent {
+            if job
+                .events
+                .send(Event::Text(text[sent..ready].to_string()))
+                .is_err()
+            {
+                return Ok(Flow::Stop); // the client is gone
+            }
+            sent = ready;
+        }
+        Ok(if stop { Flow::Stop } else { Flow::Continue })
+    })?;
+    if stopped_at.is_none() {
+        // Whatever was held back for a stop sequence that never came.
+        let text = tok.decode(&ids, true)?;
+        if text.len() > sent {
+            let _ = job.events.send(Event::Text(text[sent..].to_string()));
+        }
+    }
+    let _ = job.events.send(Event::Done {
+        reason,
+        prompt_tokens: job.prompt.len(),
+        completion_tokens: out.len(),
+    });
+    Ok(())
+}
+
+/// The length of the longest proper prefix of `stop` that `text` ends with.
+fn longest_prefix_suffix(text: &str, stop: &str) -> usize {
+    (1..stop.len())
+        .rev()
+        .filter(|&n| stop.is_char_boundary(n))
+        .find(|&n| text.ends_with(&stop[..n]))
+        .unwrap_or(0)
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_back_tail_is_the_longest_stop_prefix() {
+        assert_eq!(longest_prefix_suffix("hello wo", "world"), 2);
+        assert_eq!(longest_prefix_suffix("hello", "world"), 0);
+        assert_eq!(longest_prefix_suffix("ab\n", "\n\n"), 1);
+        assert_eq!(floor_char_boundary("aé", 2), 1);
+    }
+}
