@@ -56,6 +56,25 @@ if stop_s is not None:
     )
     out["stop"] = {"stop": stop_s, "text": stop.choices[0].text,
                    "finish_reason": stop.choices[0].finish_reason}
+# quiver_explain: the experts behind each generated token, plain and streamed.
+r = client.completions.create(model="arrow", prompt=prompt, max_tokens=5, temperature=0,
+                              extra_body={"quiver_explain": "layers", "top_k": 2})
+streamed = []
+for c in client.completions.create(model="arrow", prompt=prompt, max_tokens=5, temperature=0,
+                                   stream=True, extra_body={"quiver_explain": True, "top_k": 2}):
+    streamed.extend((c.model_extra or {}).get("quiver_explain") or
+                    (c.choices[0].model_extra or {}).get("quiver_explain") or [])
+out["explain"] = {
+    "tokens": r.usage.completion_tokens,
+    "plain": (r.choices[0].model_extra or {}).get("quiver_explain"),
+    "streamed": streamed,
+}
+try:
+    client.completions.create(model="base", prompt=prompt, max_tokens=2,
+                              extra_body={"quiver_explain": True})
+    out["explain_base"] = "no error"
+except openai.BadRequestError as e:
+    out["explain_base"] = {"status": e.status_code, "message": str(e)}
 try:
     client.completions.create(model="no-such-model", prompt=prompt, max_tokens=2)
     out["unknown_model"] = "no error"

@@ -184,6 +184,42 @@ fn openai_client_talks_to_quiver_serve() {
     } else {
         eprintln!("note: no printable ASCII in the base text; stop sequences not checked");
     }
+    // quiver_explain: one entry per generated token, weights averaged over
+    // layers summing to 1, over the library's experts; with "layers", each
+    // layer's top-2.
+    let ex = &v["explain"];
+    let plain = ex["plain"]
+        .as_array()
+        .expect("quiver_explain in the choice");
+    assert_eq!(plain.len() as u64, ex["tokens"].as_u64().unwrap(), "{ex}");
+    for t in plain {
+        let experts = t["experts"].as_array().unwrap();
+        let total: f64 = experts.iter().map(|e| e["weight"].as_f64().unwrap()).sum();
+        assert!((total - 1.0).abs() < 1e-4, "{t}");
+        for e in experts {
+            assert!(
+                ["ad0", "ad1", "ad2"].contains(&e["expert"].as_str().unwrap()),
+                "{e}"
+            );
+        }
+        let layers = t["layers"].as_array().unwrap();
+        assert!(!layers.is_empty());
+        for l in layers {
+            assert_eq!(l["experts"].as_array().unwrap().len(), 2, "top_k = 2: {l}");
+        }
+    }
+    let streamed = ex["streamed"]
+        .as_array()
+        .expect("explanations in the chunks");
+    assert_eq!(streamed.len(), plain.len(), "{ex}");
+    for (s, p) in streamed.iter().zip(plain) {
+        assert_eq!(
+            s["experts"], p["experts"],
+            "streamed = plain (the same greedy tokens)"
+        );
+        assert!(s.get("layers").is_none());
+    }
+    assert_eq!(v["explain_base"]["status"], 400, "{}", v["explain_base"]);
     assert_eq!(v["unknown_model"]["status"], 404);
     assert_eq!(v["unknown_model"]["code"], "model_not_found");
 }

@@ -50,6 +50,10 @@ pub struct Common {
     pub router_temperature: Option<f64>,
     #[serde(default)]
     pub mix: Option<String>,
+    /// Quiver: `true` (experts' weights per generated token, averaged over
+    /// layers) or `"layers"` (also each layer's choice).
+    #[serde(default)]
+    pub quiver_explain: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

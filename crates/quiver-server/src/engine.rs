@@ -7,13 +7,15 @@
 //! sequences, each with its own route, in one forward pass) is not built
 //! yet; see the crate's documentation.
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use quiver_core::generate::{generate_until, Flow, SamplingParams, StopReason};
 use quiver_core::library::ExpertLibrary;
 use quiver_core::routing::{install_route, RouteSpec};
 use quiver_core::LoadedModel;
 use tokio::sync::mpsc::UnboundedSender;
+
+use crate::explain::{ExplainMode, Recorder};
 
 /// Which library and route a job runs with.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,6 +32,8 @@ pub struct Job {
     pub params: SamplingParams,
     pub stop: Vec<String>,
     pub target: Target,
+    /// `quiver_explain`: per-token expert weights (per-token routes only).
+    pub explain: Option<ExplainMode>,
     pub events: UnboundedSender<Event>,
 }
 
@@ -37,6 +41,9 @@ pub struct Job {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Text(String),
+    /// The experts behind the next generated token (`quiver_explain`),
+    /// sent before that token's text.
+    Explain(serde_json::Value),
     Done {
         reason: StopReason,
         prompt_tokens: usize,
@@ -52,10 +59,12 @@ pub fn start(mut lm: LoadedModel, libraries: Vec<ExpertLibrary>) -> mpsc::Sender
         .name("quiver-model".into())
         .spawn(move || {
             let mut installed: Option<Target> = None;
+            let recorder = Arc::new(Recorder::default());
             for job in rx {
-                if let Err(e) = run_job(&mut lm, &libraries, &mut installed, &job) {
+                if let Err(e) = run_job(&mut lm, &libraries, &mut installed, &recorder, &job) {
                     let _ = job.events.send(Event::Error(e.to_string()));
                 }
+                recorder.set_active(false);
             }
         })
         .expect("the model thread starts");
@@ -66,12 +75,21 @@ fn run_job(
     lm: &mut LoadedModel,
     libraries: &[ExpertLibrary],
     installed: &mut Option<Target>,
+    recorder: &Arc<Recorder>,
     job: &Job,
 ) -> quiver_core::Result<()> {
     if installed.as_ref() != Some(&job.target) {
         *installed = None;
         let lib = job.target.library.map(|i| &libraries[i]);
-        let session = install_route(lm, lib, &job.target.spec, None)?;
+        // Per-token routes always report to the recorder; it keeps
+        // decisions only for jobs that asked.
+        let observer = job
+            .target
+            .spec
+            .route
+            .selector_kind()
+            .map(|_| recorder.clone() as Arc<dyn quiver_core::routing::RouteObserver>);
+        let session = install_route(lm, lib, &job.target.spec, observer)?;
         tracing::info!("route: {}", session.installed.description);
         *installed = Some(job.target.clone());
     }
@@ -79,7 +97,15 @@ fn run_job(
     let mut ids: Vec<u32> = Vec::new();
     let mut sent = 0usize;
     let mut stopped_at: Option<usize> = None;
+    recorder.set_active(job.explain.is_some());
     let (out, reason) = generate_until(&lm.model, &job.prompt, &job.params, tok.eos_ids(), |id| {
+        if let Some(mode) = job.explain {
+            if let Some(v) = recorder.take(mode) {
+                if job.events.send(Event::Explain(v)).is_err() {
+                    return Ok(Flow::Stop); // the client is gone
+                }
+            }
+        }
         ids.push(id);
         // Decode the whole tail: byte-level tokens may split a character.
         let text = tok.decode(&ids, true)?;

@@ -12,14 +12,17 @@
 //! Built so far: `POST /v1/completions`, `POST /v1/chat/completions` (the
 //! model's chat template), both with `stream: true` as server-sent events
 //! in OpenAI's chunk format, `max_tokens`, `temperature`, `top_p`, `seed`,
-//! `stop`, `n` (without streaming), `usage`; `GET /v1/models`; `GET
-//! /health`. Requests run one at a time on one model thread, in arrival
-//! order. Not built yet: continuous batching with a route per sequence,
-//! `logprobs`, `quiver_explain`, `/metrics` (they are refused or absent,
-//! never faked).
+//! `stop`, `n` (without streaming), `usage`; `quiver_explain` (`true`:
+//! the experts' weights behind every generated token, averaged over the
+//! routed layers; `"layers"`: each layer's choice too; in streaming mode in
+//! each chunk); `GET /v1/models`; `GET /health`. Requests run one at a time
+//! on one model thread, in arrival order. Not built yet: continuous
+//! batching with a route per sequence, `logprobs`, `/metrics` (refused or
+//! absent, never faked).
 
 pub mod api;
 pub mod engine;
+pub mod explain;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -41,6 +44,7 @@ use tokio_stream::StreamExt;
 
 use api::{ErrorBody, ErrorDetail, ModelCard, ModelList, Usage};
 use engine::{Event, Job, Target};
+use explain::ExplainMode;
 
 /// Errors of starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -215,6 +219,12 @@ impl AppState {
                 Some("model"),
             ));
         }
+        if explain_mode(c)?.is_some() && spec.route.selector_kind().is_none() {
+            return Err(ApiError::bad(
+                format!("quiver_explain shows per-token routing; route `{}` is the same for every token (use arrow, mu or phatgoose)", spec.route),
+                Some("quiver_explain"),
+            ));
+        }
         Ok(Target { library, spec })
     }
 
@@ -251,6 +261,18 @@ impl AppState {
     }
 }
 
+fn explain_mode(c: &api::Common) -> Result<Option<ExplainMode>, ApiError> {
+    match &c.quiver_explain {
+        None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => Ok(None),
+        Some(serde_json::Value::Bool(true)) => Ok(Some(ExplainMode::Tokens)),
+        Some(serde_json::Value::String(s)) if s == "layers" => Ok(Some(ExplainMode::Layers)),
+        Some(v) => Err(ApiError::bad(
+            format!("quiver_explain must be true, false or \"layers\", not {v}"),
+            Some("quiver_explain"),
+        )),
+    }
+}
+
 fn check_common(c: &api::Common) -> Result<usize, ApiError> {
     if c.logprobs
         .as_ref()
@@ -277,6 +299,7 @@ fn check_common(c: &api::Common) -> Result<usize, ApiError> {
 /// One finished generation.
 struct Finished {
     text: String,
+    explain: Vec<serde_json::Value>,
     reason: &'static str,
     prompt_tokens: usize,
     completion_tokens: usize,
@@ -286,9 +309,11 @@ async fn collect(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
 ) -> Result<Finished, ApiError> {
     let mut text = String::new();
+    let mut explain = Vec::new();
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Text(t) => text.push_str(&t),
+            Event::Explain(v) => explain.push(v),
             Event::Done {
                 reason,
                 prompt_tokens,
@@ -296,6 +321,7 @@ async fn collect(
             } => {
                 return Ok(Finished {
                     text,
+                    explain,
                     reason: api::finish_reason(reason),
                     prompt_tokens,
                     completion_tokens,
@@ -324,6 +350,7 @@ async fn run_all(
             params: st.params(c, i)?,
             stop: stop.clone(),
             target: target.clone(),
+            explain: explain_mode(c)?,
             events: tx,
         })?;
         out.push(collect(rx).await?);
@@ -371,25 +398,40 @@ fn stream_response(
     chunk: impl Fn(Option<&str>, Option<&str>) -> serde_json::Value + Send + Sync + 'static,
 ) -> Result<Response, ApiError> {
     let target = st.resolve(c)?;
+    let explain = explain_mode(c)?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     st.submit(Job {
         prompt,
         params: st.params(c, 0)?,
         stop: c.stop.as_ref().map(api::Stop::list).unwrap_or_default(),
         target,
+        explain,
         events: tx,
     })?;
-    let chunk = Arc::new(chunk);
-    let events = UnboundedReceiverStream::new(rx).map(move |ev| {
+    // Explanations ride in the next chunk that goes out.
+    let mut pending: Vec<serde_json::Value> = Vec::new();
+    let finish = move |mut v: serde_json::Value, pending: &mut Vec<serde_json::Value>| {
+        if explain.is_some() {
+            v["choices"][0]["quiver_explain"] = serde_json::Value::Array(std::mem::take(pending));
+        }
+        v.to_string()
+    };
+    let events = UnboundedReceiverStream::new(rx).filter_map(move |ev| {
         let data = match ev {
-            Event::Text(t) => chunk(Some(&t), None).to_string(),
-            Event::Done { reason, .. } => chunk(None, Some(api::finish_reason(reason))).to_string(),
+            Event::Explain(v) => {
+                pending.push(v);
+                return None;
+            }
+            Event::Text(t) => finish(chunk(Some(&t), None), &mut pending),
+            Event::Done { reason, .. } => {
+                finish(chunk(None, Some(api::finish_reason(reason))), &mut pending)
+            }
             Event::Error(e) => serde_json::json!({"error": {
                 "message": e, "type": "invalid_request_error", "param": null, "code": null
             }})
             .to_string(),
         };
-        Ok::<_, Infallible>(SseEvent::default().data(data))
+        Some(Ok::<_, Infallible>(SseEvent::default().data(data)))
     });
     let done = tokio_stream::once(Ok::<_, Infallible>(SseEvent::default().data("[DONE]")));
     Ok(Sse::new(events.chain(done)).into_response())
@@ -431,8 +473,12 @@ async fn completions(
         .iter()
         .enumerate()
         .map(|(i, f)| {
-            serde_json::json!({"index": i, "text": f.text, "logprobs": null,
-                               "finish_reason": f.reason})
+            let mut c = serde_json::json!({"index": i, "text": f.text, "logprobs": null,
+                               "finish_reason": f.reason});
+            if explain_mode(&req.common).ok().flatten().is_some() {
+                c["quiver_explain"] = f.explain.clone().into();
+            }
+            c
         })
         .collect();
     Ok(Json(serde_json::json!({
@@ -490,8 +536,12 @@ async fn chat_completions(
         .iter()
         .enumerate()
         .map(|(i, f)| {
-            serde_json::json!({"index": i, "message": {"role": "assistant", "content": f.text},
-                               "logprobs": null, "finish_reason": f.reason})
+            let mut c = serde_json::json!({"index": i, "message": {"role": "assistant", "content": f.text},
+                               "logprobs": null, "finish_reason": f.reason});
+            if explain_mode(&req.common).ok().flatten().is_some() {
+                c["quiver_explain"] = f.explain.clone().into();
+            }
+            c
         })
         .collect();
     Ok(Json(serde_json::json!({
