@@ -80,4 +80,7 @@ try:
     out["unknown_model"] = "no error"
 except openai.NotFoundError as e:
     out["unknown_model"] = {"status": e.status_code, "code": e.code}
+# Prometheus metrics, after all of the above.
+import urllib.request
+out["metrics"] = urllib.request.urlopen(base_url.removesuffix("/v1") + "/metrics").read().decode()
 print(json.dumps(out))

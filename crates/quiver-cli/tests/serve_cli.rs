@@ -222,4 +222,28 @@ fn openai_client_talks_to_quiver_serve() {
     assert_eq!(v["explain_base"]["status"], 400, "{}", v["explain_base"]);
     assert_eq!(v["unknown_model"]["status"], 404);
     assert_eq!(v["unknown_model"]["code"], "model_not_found");
+    // /metrics counts what the client did.
+    let m = v["metrics"].as_str().unwrap();
+    let value = |line: &str| -> f64 {
+        m.lines()
+            .find(|l| l.starts_with(line))
+            .unwrap_or_else(|| panic!("{line} in {m}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(value("quiver_requests_total{endpoint=\"/v1/completions\",status=\"200\"}") >= 8.0);
+    assert!(value("quiver_requests_total{endpoint=\"/v1/completions\",status=\"404\"}") >= 1.0);
+    assert!(
+        value("quiver_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"}") >= 2.0
+    );
+    assert!(value("quiver_completion_tokens_total") >= 40.0);
+    assert_eq!(value("quiver_queue_depth"), 0.0);
+    assert!(value("quiver_time_to_first_token_seconds_count") >= 8.0);
+    assert!(value("quiver_request_duration_seconds_bucket{le=\"+Inf\"}") >= 8.0);
+    for e in ["ad0", "ad1", "ad2"] {
+        assert!(value(&format!("quiver_expert_chosen_total{{expert=\"{e}\"}}")) > 0.0);
+    }
 }

@@ -16,6 +16,7 @@ use quiver_core::LoadedModel;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::explain::{ExplainMode, Recorder};
+use crate::metrics::Metrics;
 
 /// Which library and route a job runs with.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +36,8 @@ pub struct Job {
     /// `quiver_explain`: per-token expert weights (per-token routes only).
     pub explain: Option<ExplainMode>,
     pub events: UnboundedSender<Event>,
+    /// When the job was submitted (latency and time-to-first-token metrics).
+    pub submitted: std::time::Instant,
 }
 
 /// What a job sends back, in order: text pieces, then one `Done` or `Error`.
@@ -53,17 +56,34 @@ pub enum Event {
 }
 
 /// Starts the model thread; jobs sent to the returned queue run in order.
-pub fn start(mut lm: LoadedModel, libraries: Vec<ExpertLibrary>) -> mpsc::Sender<Job> {
+pub fn start(
+    mut lm: LoadedModel,
+    libraries: Vec<ExpertLibrary>,
+    metrics: Arc<Metrics>,
+) -> mpsc::Sender<Job> {
     let (tx, rx) = mpsc::channel::<Job>();
     std::thread::Builder::new()
         .name("quiver-model".into())
         .spawn(move || {
             let mut installed: Option<Target> = None;
-            let recorder = Arc::new(Recorder::default());
+            let recorder = Arc::new(Recorder::new(metrics.clone()));
             for job in rx {
-                if let Err(e) = run_job(&mut lm, &libraries, &mut installed, &recorder, &job) {
-                    let _ = job.events.send(Event::Error(e.to_string()));
-                }
+                metrics.job_started();
+                let (prompt, completion) = match run_job(
+                    &mut lm,
+                    &libraries,
+                    &mut installed,
+                    &recorder,
+                    &metrics,
+                    &job,
+                ) {
+                    Ok(n) => (job.prompt.len(), n),
+                    Err(e) => {
+                        let _ = job.events.send(Event::Error(e.to_string()));
+                        (0, 0)
+                    }
+                };
+                metrics.job_finished(job.submitted.elapsed().as_secs_f64(), prompt, completion);
                 recorder.set_active(false);
             }
         })
@@ -76,8 +96,9 @@ fn run_job(
     libraries: &[ExpertLibrary],
     installed: &mut Option<Target>,
     recorder: &Arc<Recorder>,
+    metrics: &Metrics,
     job: &Job,
-) -> quiver_core::Result<()> {
+) -> quiver_core::Result<usize> {
     if installed.as_ref() != Some(&job.target) {
         *installed = None;
         let lib = job.target.library.map(|i| &libraries[i]);
@@ -105,6 +126,9 @@ fn run_job(
                     return Ok(Flow::Stop); // the client is gone
                 }
             }
+        }
+        if ids.is_empty() {
+            metrics.first_token(job.submitted.elapsed().as_secs_f64());
         }
         ids.push(id);
         // Decode the whole tail: byte-level tokens may split a character.
@@ -160,7 +184,7 @@ fn run_job(
         prompt_tokens: job.prompt.len(),
         completion_tokens: out.len(),
     });
-    Ok(())
+    Ok(out.len())
 }
 
 /// The length of the longest proper prefix of `stop` that `text` ends with.

@@ -5,9 +5,11 @@
 //! averaged over the routed layers, and with `"layers"` each layer's top-k.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use quiver_core::routing::{RouteDecision, RouteObserver};
+
+use crate::metrics::Metrics;
 
 /// What a request asked to see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,13 +27,22 @@ struct LayerChoice {
     experts: Vec<(String, f32)>,
 }
 
-/// Routing decisions of the current forward pass, when a job asked.
-#[derive(Debug, Default)]
+/// Routing decisions of the current forward pass, when a job asked; and
+/// every decision's experts, counted for `/metrics`.
+#[derive(Debug)]
 pub struct Recorder {
     state: Mutex<Option<Vec<LayerChoice>>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Recorder {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            state: Mutex::new(None),
+            metrics,
+        }
+    }
+
     /// Starts recording (for a job that asked) or stops.
     pub fn set_active(&self, on: bool) {
         *self.state.lock().expect("recorder") = on.then(Vec::new);
@@ -76,6 +87,15 @@ impl Recorder {
 
 impl RouteObserver for Recorder {
     fn on_route(&self, d: &RouteDecision<'_>) {
+        let mut counts = vec![0u64; d.names.len()];
+        for &e in &d.selection.experts {
+            counts[e as usize] += 1;
+        }
+        for (name, n) in d.names.iter().zip(counts) {
+            if n > 0 {
+                self.metrics.experts_chosen(name, n);
+            }
+        }
         let mut st = self.state.lock().expect("recorder");
         let Some(layers) = st.as_mut() else {
             return;

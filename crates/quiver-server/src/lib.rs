@@ -15,14 +15,15 @@
 //! `stop`, `n` (without streaming), `usage`; `quiver_explain` (`true`:
 //! the experts' weights behind every generated token, averaged over the
 //! routed layers; `"layers"`: each layer's choice too; in streaming mode in
-//! each chunk); `GET /v1/models`; `GET /health`. Requests run one at a time
-//! on one model thread, in arrival order. Not built yet: continuous
-//! batching with a route per sequence, `logprobs`, `/metrics` (refused or
-//! absent, never faked).
+//! each chunk); `GET /v1/models`; `GET /health`; `GET /metrics`
+//! (Prometheus text). Requests run one at a time on one model thread, in
+//! arrival order. Not built yet: continuous batching with a route per
+//! sequence, a KV-cache budget, `logprobs` (refused, never faked).
 
 pub mod api;
 pub mod engine;
 pub mod explain;
+pub mod metrics;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -82,6 +83,7 @@ struct AppState {
     /// (library name, its experts' names), in `--library` order.
     libraries: Vec<(String, Vec<String>)>,
     jobs: Mutex<mpsc::Sender<Job>>,
+    metrics: Arc<metrics::Metrics>,
 }
 
 /// The routes `/v1/models` lists for each library.
@@ -253,6 +255,7 @@ impl AppState {
     }
 
     fn submit(&self, job: Job) -> Result<(), ApiError> {
+        self.metrics.job_queued();
         self.jobs
             .lock()
             .map_err(|_| ApiError::internal("the model thread is gone"))?
@@ -352,6 +355,7 @@ async fn run_all(
             target: target.clone(),
             explain: explain_mode(c)?,
             events: tx,
+            submitted: std::time::Instant::now(),
         })?;
         out.push(collect(rx).await?);
     }
@@ -407,6 +411,7 @@ fn stream_response(
         target,
         explain,
         events: tx,
+        submitted: std::time::Instant::now(),
     })?;
     // Explanations ride in the next chunk that goes out.
     let mut pending: Vec<serde_json::Value> = Vec::new();
@@ -568,6 +573,29 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<ModelList> {
     })
 }
 
+async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        st.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Counts every response by endpoint and status.
+async fn count_requests(
+    State(st): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path().to_string();
+    let resp = next.run(req).await;
+    st.metrics.request(&path, resp.status().as_u16());
+    resp
+}
+
 async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
@@ -579,6 +607,11 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
         .with_state(state)
 }
 
@@ -596,6 +629,7 @@ pub fn serve(cfg: ServeConfig, on_listen: impl FnOnce(SocketAddr)) -> Result<(),
             .collect();
         libraries.push((l.name.clone(), names));
     }
+    let metrics = Arc::new(metrics::Metrics::default());
     let state = Arc::new(AppState {
         model_id: cfg.model_id.clone(),
         tokenizer: cfg.model.tokenizer.clone(),
@@ -604,7 +638,9 @@ pub fn serve(cfg: ServeConfig, on_listen: impl FnOnce(SocketAddr)) -> Result<(),
         jobs: Mutex::new(engine::start(
             cfg.model,
             cfg.libraries.into_iter().map(|l| l.library).collect(),
+            metrics.clone(),
         )),
+        metrics,
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
