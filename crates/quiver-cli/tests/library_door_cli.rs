@@ -88,6 +88,10 @@ fn score(lib: &str, env: &[(&'static str, String)], route: &str) -> Command {
     c
 }
 
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 fn logprob(out: &str) -> f64 {
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     v["logprob"].as_f64().expect("a finite log-likelihood")
@@ -133,9 +137,7 @@ fn commands(lib: &str, env: &[(&'static str, String)], tmp: &Path) -> Vec<String
         "--json",
         report.to_str().unwrap(),
     ]));
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    seen.push(format!("eval {}", r["tasks"][0]["score"]));
+    seen.push(format!("eval {}", read_json(&report)["tasks"][0]["score"]));
     let clusters = tmp.join("clusters.json");
     ok(quiver().envs(env.iter().cloned()).args([
         "cluster",
@@ -148,9 +150,7 @@ fn commands(lib: &str, env: &[(&'static str, String)], tmp: &Path) -> Vec<String
         "--out",
         clusters.to_str().unwrap(),
     ]));
-    let c: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&clusters).unwrap()).unwrap();
-    seen.push(format!("clusters {}", c["members"]));
+    seen.push(format!("clusters {}", read_json(&clusters)["members"]));
     seen
 }
 
