@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use quiver_core::expert::model_fingerprint;
 use quiver_core::library::ExpertLibrary;
 use quiver_core::routing::{self, RouteData, RouteOptions, RouteSpec, SelectorKind};
 
@@ -81,11 +80,8 @@ pub fn run(g: &GlobalArgs, a: ArrowArgs) -> Result<ExitCode> {
     } else {
         let mut lm = super::load_model(g, &a.model)?;
         let all = lib.load_experts(lm.model.device(), lm.model.dtype())?;
-        let fp = model_fingerprint(&lm.model)?;
+        routing::session::check_made_for(&lm, &all, a.allow_base_mismatch)?;
         for e in &all {
-            if !a.allow_base_mismatch {
-                e.check_base(&fp, &lm.names)?;
-            }
             e.check_fits(&lm.model, None)?;
         }
         let experts = routing::gen_know_sub(&all, &a.gks)?;

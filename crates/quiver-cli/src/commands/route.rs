@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use quiver_core::expert::{model_fingerprint, Expert};
+use quiver_core::expert::Expert;
 use quiver_core::library::ExpertLibrary;
 use quiver_core::routing::{
     self, MixMode, Route, RouteData, RouteDecision, RouteObserver, RouteOptions, RouteSpec, Usage,
@@ -121,9 +121,7 @@ pub fn apply_route_observed(
             bail!("--explain shows per-token routing; an --adapter is the same for every token");
         }
         let expert = Expert::load(dir, lm.model.device(), lm.model.dtype())?;
-        if !r.allow_base_mismatch {
-            expert.check_base(&model_fingerprint(&lm.model)?, &lm.names)?;
-        }
+        routing::session::check_made_for(lm, std::slice::from_ref(&expert), r.allow_base_mismatch)?;
         expert.attach(&mut lm.model, None)?;
         return Ok(());
     }

@@ -71,19 +71,6 @@ impl ExpertLibrary {
             .collect()
     }
 
-    /// Some experts by name, in the order given, each checked.
-    pub fn load_named(
-        &self,
-        names: &[String],
-        device: &Device,
-        dtype: DType,
-    ) -> LibraryResult<Vec<Expert>> {
-        names
-            .iter()
-            .map(|n| self.load_expert(n, device, dtype))
-            .collect()
-    }
-
     /// The sha256 of expert `name`'s weights, as its manifest records them
     /// (no file is read): the key derived data is cached under.
     pub fn weights_digest(&self, name: &str) -> LibraryResult<String> {

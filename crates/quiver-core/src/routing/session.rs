@@ -97,6 +97,19 @@ impl RouteSpec {
     }
 }
 
+/// Checks that `experts` were made for `lm`'s base model (Quiver's
+/// fingerprint, or a PEFT adapter's `base_model_name_or_path`), unless
+/// `allow_mismatch`: the check every door to a model shares.
+pub fn check_made_for(lm: &LoadedModel, experts: &[Expert], allow_mismatch: bool) -> Result<()> {
+    if allow_mismatch || experts.is_empty() {
+        return Ok(());
+    }
+    let fingerprint = model_fingerprint(&lm.model)?;
+    experts
+        .iter()
+        .try_for_each(|e| e.check_base(&fingerprint, &lm.names))
+}
+
 /// What [`install_route`] put on the model.
 #[derive(Debug, Clone)]
 pub struct RouteSession {
@@ -137,20 +150,12 @@ pub fn install_route(
     })?;
     let device = lm.model.device().clone();
     let dtype = lm.model.dtype();
-    let fingerprint = model_fingerprint(&lm.model)?;
     // Shapes and compatibility are `install`'s checks; the base model is
     // this door's.
-    let check = |e: &Expert| -> Result<()> {
-        if spec.allow_base_mismatch {
-            Ok(())
-        } else {
-            e.check_base(&fingerprint, &lm.names)
-        }
-    };
     // One expert: load only it, so the rest of the library does not matter.
     if let Route::Expert(name) = route {
         let e = lib.load_expert(name, &device, dtype)?;
-        check(&e)?;
+        check_made_for(lm, std::slice::from_ref(&e), spec.allow_base_mismatch)?;
         let installed = install(&mut lm.model, &[e], route, None, &spec.options, None)?;
         return Ok(RouteSession {
             installed,
@@ -159,7 +164,7 @@ pub fn install_route(
         });
     }
     let all = lib.load_experts(&device, dtype)?;
-    all.iter().try_for_each(check)?;
+    check_made_for(lm, &all, spec.allow_base_mismatch)?;
     if let Route::Oracle(_) = route {
         let installed = install(&mut lm.model, &all, route, None, &spec.options, None)?;
         return Ok(RouteSession {
