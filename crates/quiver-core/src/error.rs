@@ -70,6 +70,11 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
 
+    /// An expert library could not be read or holds something damaged
+    /// (its own error, flattened to one line).
+    #[error("{0}")]
+    Library(String),
+
     #[error("asset `{name}` is not available: {msg}")]
     Asset { name: String, msg: String },
 

@@ -79,8 +79,13 @@ impl Sampler {
 
     pub fn sample(&mut self, logits: &Tensor) -> Result<u32> {
         let logits: Vec<f32> = logits.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+        Ok(self.sample_slice(&logits))
+    }
+
+    /// [`Sampler::sample`] from logits already on the host.
+    pub fn sample_slice(&mut self, logits: &[f32]) -> u32 {
         if self.params.temperature == 0.0 {
-            return Ok(argmax(&logits));
+            return argmax(logits);
         }
         let t = self.params.temperature as f32;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -108,11 +113,11 @@ impl Sampler {
         let mut r = self.rng.random::<f32>() * total;
         for (id, p) in &probs {
             if r < *p {
-                return Ok(*id);
+                return *id;
             }
             r -= p;
         }
-        Ok(probs.last().map(|p| p.0).unwrap_or(0))
+        probs.last().map(|p| p.0).unwrap_or(0)
     }
 }
 

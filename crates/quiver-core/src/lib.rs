@@ -5,6 +5,7 @@
 
 pub mod alloc;
 pub mod assets;
+pub mod batch;
 pub mod data;
 pub mod error;
 pub mod eval;

@@ -93,7 +93,7 @@ impl From<LibraryError> for Error {
     fn from(e: LibraryError) -> Self {
         match e {
             LibraryError::Core(e) => e,
-            other => Error::InvalidArgument(other.to_string()),
+            other => Error::Library(other.to_string()),
         }
     }
 }

@@ -243,15 +243,32 @@ impl Attention {
         sin: &Tensor,
         cache: Option<&mut Option<LayerKv>>,
     ) -> Result<Tensor> {
-        let (b_sz, seq_len, _) = xs.dims3()?;
-        let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
-        let (q, k, v) = self.heads(
+        let ys = self.attend(
             &self.q_proj.forward(xs)?,
             &self.k_proj.forward(xs)?,
             &self.v_proj.forward(xs)?,
             cos,
             sin,
+            cache,
         )?;
+        Ok(self.o_proj.forward(&ys)?)
+    }
+
+    /// Attention from the projections (`(b_sz, seq_len, heads * head_dim)`
+    /// each) to the output projection's input, `(b_sz, seq_len, n_head *
+    /// head_dim)`; new keys and values are appended to `cache`.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: Option<&mut Option<LayerKv>>,
+    ) -> Result<Tensor> {
+        let (b_sz, seq_len, _) = q.dims3()?;
+        let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
+        let (q, k, v) = self.heads(q, k, v, cos, sin)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let (k, v) = match cache {
             None => (k, v),
@@ -260,7 +277,7 @@ impl Attention {
                 if seq_len == 1 {
                     let layer = slot.as_ref().expect("appended above");
                     if let Some(ys) = layer.attend_one(&q, scale as f32)? {
-                        return Ok(self.o_proj.forward(&ys)?);
+                        return Ok(ys);
                     }
                 }
                 kv
@@ -275,10 +292,45 @@ impl Attention {
         let att = ops::causal_softmax(&att, scale)?;
         let att = att.reshape((b_sz, nkv, rep * seq_len, kv_len))?;
         let ys = att.matmul(&v)?; // (b, nkv, rep * seq, hd)
-        let ys = ys
+        Ok(ys
             .reshape((b_sz, nh, seq_len, hd))?
             .transpose(1, 2)?
-            .reshape((b_sz, seq_len, nh * hd))?;
+            .reshape((b_sz, seq_len, nh * hd))?)
+    }
+
+    /// [`Attention::forward`] over packed sequences: the projections run
+    /// once over every token of every sequence, attention per sequence
+    /// against its own cache.
+    ///
+    /// # Shapes
+    /// * `xs`: `(1, total, hidden)`, sequence `i` in rows `spans[i].0 ..
+    ///   spans[i].0 + spans[i].1`; `cos`, `sin`: the whole tables.
+    fn forward_packed(
+        &self,
+        xs: &Tensor,
+        spans: &[(usize, usize)],
+        cos: &Tensor,
+        sin: &Tensor,
+        slots: &mut [&mut Option<LayerKv>],
+    ) -> Result<Tensor> {
+        let (q, k, v) = (
+            self.q_proj.forward(xs)?,
+            self.k_proj.forward(xs)?,
+            self.v_proj.forward(xs)?,
+        );
+        let mut parts = Vec::with_capacity(spans.len());
+        for (&(start, len), slot) in spans.iter().zip(slots.iter_mut()) {
+            let offset = slot.as_ref().map_or(0, |l| l.len);
+            parts.push(self.attend(
+                &q.narrow(1, start, len)?,
+                &k.narrow(1, start, len)?,
+                &v.narrow(1, start, len)?,
+                &cos.narrow(0, offset, len)?,
+                &sin.narrow(0, offset, len)?,
+                Some(&mut **slot),
+            )?);
+        }
+        let ys = Tensor::cat(&parts, 1)?;
         Ok(self.o_proj.forward(&ys)?)
     }
 }
@@ -339,6 +391,21 @@ impl Block {
     ) -> Result<Tensor> {
         let h = ops::rms_norm(xs, &self.input_layernorm, self.eps)?;
         let xs = (xs + self.self_attn.forward(&h, cos, sin, cache)?)?;
+        let h = ops::rms_norm(&xs, &self.post_attention_layernorm, self.eps)?;
+        Ok((&xs + self.mlp.forward(&h)?)?)
+    }
+
+    /// [`Block::forward`] over packed sequences ([`Attention::forward_packed`]).
+    fn forward_packed(
+        &self,
+        xs: &Tensor,
+        spans: &[(usize, usize)],
+        cos: &Tensor,
+        sin: &Tensor,
+        slots: &mut [&mut Option<LayerKv>],
+    ) -> Result<Tensor> {
+        let h = ops::rms_norm(xs, &self.input_layernorm, self.eps)?;
+        let xs = (xs + self.self_attn.forward_packed(&h, spans, cos, sin, slots)?)?;
         let h = ops::rms_norm(&xs, &self.post_attention_layernorm, self.eps)?;
         Ok((&xs + self.mlp.forward(&h)?)?)
     }
@@ -477,6 +544,12 @@ fn linear(w: &WeightMap, name: &str, out: usize, inp: usize, bias: bool) -> Resu
         w.get_opt(&format!("{name}.bias"), &[out])?
     };
     Ok(LoraLinear::new(name, weight, bias))
+}
+
+/// One sequence of [`Llama::forward_packed`]: its new tokens and its cache.
+pub struct PackedSeq<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
 }
 
 /// A Llama-family causal language model.
@@ -771,6 +844,52 @@ impl Llama {
     pub fn forward(&self, input_ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let hidden = self.forward_hidden(input_ids, cache)?;
         self.logits(&hidden)
+    }
+
+    /// Continuous batching's forward: several sequences, each with its own
+    /// batch-1 cache and its own number of new tokens (a chunk of a prompt
+    /// or one decoded token), packed into one pass. Every linear layer runs
+    /// once over all the new tokens (row `r` of its input is token `r` of
+    /// the packing, sequences one after the other, as
+    /// [`crate::batch::RowLayout`] describes them to per-sequence
+    /// adapters); attention runs per sequence against its own cache.
+    /// Returns the logits of each sequence's last new token, `(n_seqs,
+    /// vocab)`, the same (to rounding) as running each sequence alone.
+    pub fn forward_packed(&self, seqs: &mut [PackedSeq<'_>]) -> Result<Tensor> {
+        if seqs.is_empty() || seqs.iter().any(|s| s.tokens.is_empty()) {
+            return Err(Error::invalid(
+                "a packed forward needs at least one sequence, each with at least one token",
+            ));
+        }
+        let max = self.cfg.max_position_embeddings;
+        let mut spans = Vec::with_capacity(seqs.len());
+        let mut ids = Vec::new();
+        for s in seqs.iter() {
+            if s.cache.batch_size().is_some_and(|b| b != 1) {
+                return Err(Error::invalid(
+                    "a packed sequence's KV cache must hold one sequence",
+                ));
+            }
+            let tokens = s.cache.seq_len() + s.tokens.len();
+            if tokens > max {
+                return Err(Error::ContextTooLong { tokens, max });
+            }
+            spans.push((ids.len(), s.tokens.len()));
+            ids.extend_from_slice(s.tokens);
+        }
+        let total = ids.len();
+        let mut xs = self.embed(&Tensor::from_vec(ids, (1, total), &self.device)?)?;
+        for (i, block) in self.layers.iter().enumerate() {
+            let mut slots: Vec<&mut Option<LayerKv>> =
+                seqs.iter_mut().map(|s| &mut s.cache.layers[i]).collect();
+            xs = block.forward_packed(&xs, &spans, &self.cos, &self.sin, &mut slots)?;
+        }
+        let last: Vec<u32> = spans.iter().map(|&(s, l)| (s + l - 1) as u32).collect();
+        let n = last.len();
+        let last = Tensor::from_vec(last, n, &self.device)?;
+        let hidden = xs.squeeze(0)?.index_select(&last, 0)?.unsqueeze(0)?;
+        let hidden = ops::rms_norm(&hidden, &self.norm, self.cfg.rms_norm_eps)?;
+        Ok(self.logits(&hidden)?.squeeze(0)?)
     }
 
     /// Logits of the last position only, `(b_sz, vocab)`: what generation needs.

@@ -7,5 +7,5 @@ pub mod llama;
 pub mod weights;
 
 pub use config::LlamaConfig;
-pub use llama::{KvCache, Llama};
+pub use llama::{KvCache, Llama, PackedSeq};
 pub use weights::WeightMap;
