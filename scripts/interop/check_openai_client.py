@@ -8,6 +8,7 @@ streamed), a chat completion (plain and streamed), the usage, and what the
 client raised for an unknown model. The Rust test compares these with
 `quiver generate` and checks the shapes.
 """
+import concurrent.futures as cf
 import json
 import sys
 
@@ -80,6 +81,55 @@ try:
     out["unknown_model"] = "no error"
 except openai.NotFoundError as e:
     out["unknown_model"] = {"status": e.status_code, "code": e.code}
+# logprobs: completions list the n most likely tokens, chat the same in
+# its own shape; greedy picks the most likely, so its logprob is the top's.
+r = client.completions.create(model=expert, prompt=prompt, max_tokens=6, temperature=0,
+                              logprobs=3)
+lp = r.choices[0].logprobs
+out["logprobs"] = {"tokens": lp.tokens, "token_logprobs": lp.token_logprobs,
+                   "top_logprobs": lp.top_logprobs, "text_offset": lp.text_offset,
+                   "completion_tokens": r.usage.completion_tokens}
+r = client.chat.completions.create(model="base", messages=msgs, max_tokens=5, temperature=0,
+                                   logprobs=True, top_logprobs=2)
+out["chat_logprobs"] = {
+    "content": [c.model_dump() for c in r.choices[0].logprobs.content],
+    "completion_tokens": r.usage.completion_tokens,
+}
+# n choices and several prompts: sampled with a seed, so repeatable, and
+# streamed choices carry their index.
+kw = dict(model="base", max_tokens=6, temperature=1.0, seed=7)
+a = client.completions.create(prompt=prompt, n=2, **kw)
+b = client.completions.create(prompt=prompt, n=2, **kw)
+streamed = {}
+for c in client.completions.create(prompt=prompt, n=2, stream=True, **kw):
+    for ch in c.choices:
+        streamed[ch.index] = streamed.get(ch.index, "") + ch.text
+multi = client.completions.create(model="base", prompt=[prompt, "Say hi"], max_tokens=6,
+                                  temperature=0)
+single = [client.completions.create(model="base", prompt=p, max_tokens=6,
+                                    temperature=0).choices[0].text for p in [prompt, "Say hi"]]
+out["n"] = {"a": [c.text for c in a.choices], "b": [c.text for c in b.choices],
+            "indices": [c.index for c in a.choices],
+            "streamed": [streamed.get(i) for i in range(2)],
+            "multi": [c.text for c in multi.choices], "single": single}
+# Continuous batching: concurrent requests, each with its own model (base,
+# experts, Arrow) and a prompt long enough to be prefilled in chunks, give
+# what each gives alone.
+long_prompt = " ".join(["The plural of cat is cats."] * 4)  # ~90 tokens: two prefill chunks
+jobs = [("base", prompt), (expert, prompt), ("arrow", prompt), ("ad0", long_prompt),
+        ("base", long_prompt), ("arrow", long_prompt), ("ad2", prompt), (expert, long_prompt)]
+
+
+def complete(job):
+    m, p = job
+    return client.completions.create(model=m, prompt=p, max_tokens=12,
+                                     temperature=0).choices[0].text
+
+
+alone = [complete(j) for j in jobs]
+with cf.ThreadPoolExecutor(len(jobs)) as ex:
+    together = list(ex.map(complete, jobs * 3))
+out["batching"] = {"alone": alone, "together": together}
 # Prometheus metrics, after all of the above.
 import urllib.request
 out["metrics"] = urllib.request.urlopen(base_url.removesuffix("/v1") + "/metrics").read().decode()

@@ -87,27 +87,8 @@ fn openai_client_talks_to_quiver_serve() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let lib = library(tmp.path());
-    let mut child = quiver()
-        .args(["serve", "--model"])
-        .arg(fixture("tiny_llama"))
-        .args(["--library", &lib, "--port", "0"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let _server = Server(child);
-    let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("the server prints its address")
-            .unwrap();
-        if let Some(a) = line.strip_prefix("listening on ") {
-            break a.to_string();
-        }
-    };
-    // Keep reading stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    let fixture_model = fixture("tiny_llama").display().to_string();
+    let (_server, addr, _log) = start_server(&["--model", &fixture_model, "--library", &lib]);
     let script =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/interop/check_openai_client.py");
     let out = Command::new(&py)
@@ -222,6 +203,61 @@ fn openai_client_talks_to_quiver_serve() {
     assert_eq!(v["explain_base"]["status"], 400, "{}", v["explain_base"]);
     assert_eq!(v["unknown_model"]["status"], 404);
     assert_eq!(v["unknown_model"]["code"], "model_not_found");
+    // logprobs: one per generated token; greedy picks the most likely.
+    let lp = &v["logprobs"];
+    let tokens = lp["tokens"].as_array().unwrap();
+    assert_eq!(
+        tokens.len() as u64,
+        lp["completion_tokens"].as_u64().unwrap(),
+        "{lp}"
+    );
+    let mut last_offset = 0;
+    for (i, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
+        let chosen = lp["token_logprobs"][i].as_f64().unwrap();
+        assert!(chosen <= 0.0, "{lp}");
+        let top = top.as_object().unwrap();
+        // Tokens that decode to the same text share one key.
+        assert!(!top.is_empty() && top.len() <= 3, "{lp}");
+        let best = top
+            .values()
+            .map(|x| x.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert!((best - chosen).abs() < 1e-5, "greedy = most likely: {lp}");
+        let off = lp["text_offset"][i].as_u64().unwrap();
+        assert!(off >= last_offset);
+        last_offset = off;
+    }
+    let chat_lp = &v["chat_logprobs"];
+    let content = chat_lp["content"].as_array().unwrap();
+    assert_eq!(
+        content.len() as u64,
+        chat_lp["completion_tokens"].as_u64().unwrap()
+    );
+    for c in content {
+        let top = c["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2, "{c}");
+        let first = top[0]["logprob"].as_f64().unwrap();
+        assert!((first - c["logprob"].as_f64().unwrap()).abs() < 1e-5, "{c}");
+        assert!(top[1]["logprob"].as_f64().unwrap() <= first);
+    }
+    // n and several prompts.
+    let n = &v["n"];
+    assert_eq!(n["a"], n["b"], "seeded sampling repeats: {n}");
+    assert_eq!(n["indices"], serde_json::json!([0, 1]));
+    assert_eq!(n["streamed"], n["a"], "streamed choices = plain: {n}");
+    assert_eq!(
+        n["multi"], n["single"],
+        "a list of prompts = one at a time: {n}"
+    );
+    // Continuous batching: concurrent requests with their own routes give
+    // what each gives alone.
+    let b = &v["batching"];
+    let alone = b["alone"].as_array().unwrap();
+    let together = b["together"].as_array().unwrap();
+    assert_eq!(together.len(), 3 * alone.len());
+    for (i, t) in together.iter().enumerate() {
+        assert_eq!(t, &alone[i % alone.len()], "request {i}: batched = alone");
+    }
     // /metrics counts what the client did.
     let m = v["metrics"].as_str().unwrap();
     let value = |line: &str| -> f64 {
@@ -246,4 +282,249 @@ fn openai_client_talks_to_quiver_serve() {
     for e in ["ad0", "ad1", "ad2"] {
         assert!(value(&format!("quiver_expert_chosen_total{{expert=\"{e}\"}}")) > 0.0);
     }
+    // Some forward passes held several sequences.
+    let passes = value("quiver_batch_size_count");
+    let single = value("quiver_batch_size_bucket{le=\"1\"}");
+    println!("{single} of {passes} forward passes had one sequence");
+    assert!(single < passes, "no forward pass batched two sequences");
+}
+
+/// Starts `quiver serve` with `args`; returns the server, its address and
+/// its stderr lines so far (kept being read).
+fn start_server(
+    args: &[&str],
+) -> (
+    Server,
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    let mut child = quiver()
+        .arg("serve")
+        .args(args)
+        .args(["--port", "0"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("the server prints its address")
+            .unwrap();
+        if let Some(a) = line.strip_prefix("listening on ") {
+            break a.to_string();
+        }
+    };
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l = log.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            l.lock().unwrap().push(line);
+        }
+    });
+    (Server(child), addr, log)
+}
+
+/// The tiny model with a long context (its weights and tokenizer, a
+/// config allowing 8192 positions): long generations for the tests of
+/// queueing, disconnects and shutdown.
+fn long_context_model(tmp: &Path) -> String {
+    // Named like the fixture: the experts were made for `tiny_llama`.
+    let dir = tmp.join("long").join("tiny_llama");
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(fixture("tiny_llama")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    let cfg = dir.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    c["max_position_embeddings"] = 8192.into();
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    dir.display().to_string()
+}
+
+fn limits_script(py: &str, args: &[&str]) -> serde_json::Value {
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/interop/check_serve_limits.py");
+    let out = Command::new(py).arg(script).args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
+/// `--api-key`, the body limit, OpenAI's errors for bad requests, the
+/// bounded queue (429), a client that disconnects mid-stream, experts
+/// imported or damaged while serving, and SIGTERM with requests running.
+#[test]
+fn serve_limits_faults_reload_and_shutdown() {
+    let Some(py) = python() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let lib = library(tmp.path());
+    let model = long_context_model(tmp.path());
+    let key = "sekret-key";
+    let (mut server, addr, log) = start_server(&[
+        "--model",
+        &model,
+        "--library",
+        &lib,
+        "--api-key",
+        key,
+        "--max-batch",
+        "1",
+        "--max-queue",
+        "1",
+        "--max-body-bytes",
+        "4096",
+        "--grace-period",
+        "60",
+    ]);
+    let url = format!("{addr}/v1");
+    let v = limits_script(&py, &[&url, key, "limits", "ad1"]);
+    println!("{v:#}");
+    assert_eq!(v["health"]["status"], 200);
+    for k in ["no_key", "wrong_key"] {
+        assert_eq!(v[k]["status"], 401, "{k}: {}", v[k]);
+        assert_eq!(v[k]["body"]["error"]["code"], "invalid_api_key");
+    }
+    assert_eq!(v["client_wrong_key"]["status"], 401);
+    assert!(v["models"].as_array().unwrap().iter().any(|m| m == "ad1"));
+    assert_eq!(v["too_large"]["status"], 413, "{}", v["too_large"]);
+    assert!(v["too_large"]["body"]["error"]["message"].is_string());
+    for k in [
+        "bad_json",
+        "missing_field",
+        "bad_temperature",
+        "past_context",
+        "bad_logprobs",
+    ] {
+        assert_eq!(v[k]["status"], 400, "{k}: {}", v[k]);
+        assert_eq!(
+            v[k]["body"]["error"]["type"], "invalid_request_error",
+            "{k}"
+        );
+    }
+    assert_eq!(v["past_context"]["body"]["error"]["param"], "max_tokens");
+    let queue = v["queue"].as_array().unwrap();
+    assert!(
+        queue
+            .iter()
+            .all(|r| r["status"] == 200 || r["status"] == 429),
+        "{queue:?}"
+    );
+    assert!(queue.iter().any(|r| r["status"] == 200), "{queue:?}");
+    let busy: Vec<_> = queue.iter().filter(|r| r["status"] == 429).collect();
+    assert!(
+        !busy.is_empty(),
+        "one runs, one waits, the rest are refused: {queue:?}"
+    );
+    for r in busy {
+        assert_eq!(r["retry_after"], "1");
+        assert_eq!(r["type"], "rate_limit_error");
+    }
+    let d = &v["disconnect"];
+    assert_eq!(d["running"], 0.0, "{d}");
+    assert!(
+        d["tokens"].as_f64().unwrap() < 4000.0,
+        "the sequence was freed early: {d}"
+    );
+    assert!(v["after"]["tokens"].as_u64().unwrap() <= 4);
+
+    // An expert imported while serving is served without a restart; one
+    // whose files were damaged is refused with the library named as the
+    // fault, and the server goes on.
+    let mut e = Expert::load(&fixture("peft_tiny_llama"), &Device::Cpu, DType::F32).unwrap();
+    for (a, _) in e.weights.values_mut() {
+        *a = a.affine(9.0, 0.0).unwrap();
+    }
+    e.save(&tmp.path().join("late")).unwrap();
+    let (o, _, err) = run(quiver()
+        .args(["library", "import", "--library", &lib, "--name", "late"])
+        .arg(tmp.path().join("late")));
+    assert!(o.status.success(), "{err}");
+    let weights = Path::new(&lib)
+        .join("ad2")
+        .join("adapter_model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let n = bytes.len();
+    bytes[n - 8..].iter_mut().for_each(|b| *b ^= 0x5a);
+    std::fs::write(&weights, bytes).unwrap();
+    let r = limits_script(&py, &[&url, key, "reload", "late", "ad2"]);
+    println!("{r:#}");
+    let (o, out, err) = run(quiver().args([
+        "generate",
+        "--model",
+        &model,
+        "--library",
+        &lib,
+        "--route",
+        "expert:late",
+        "--prompt",
+        "The plural of cat is",
+        "--max-tokens",
+        "4",
+        "--json",
+    ]));
+    assert!(o.status.success(), "{err}");
+    let g: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(r["new"]["text"], g["text"]);
+    assert!(r["models"].as_array().unwrap().iter().any(|m| m == "late"));
+    assert_eq!(r["corrupt"]["status"], 500, "{}", r["corrupt"]);
+    assert!(
+        r["corrupt"]["body"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ad2"),
+        "{}",
+        r["corrupt"]
+    );
+    assert_eq!(r["reload"]["status"], 200);
+
+    // SIGTERM while a long stream runs: the stream finishes, then the
+    // server exits cleanly.
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/interop/check_serve_limits.py");
+    let mut client = Command::new(&py)
+        .arg(script)
+        .args([&url, key, "stream", "3000"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(client.stdout.take().unwrap()).lines();
+    assert_eq!(out.next().unwrap().unwrap(), "first chunk");
+    let pid = server.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let last: serde_json::Value = serde_json::from_str(&out.next().unwrap().unwrap()).unwrap();
+    assert!(client.wait().unwrap().success());
+    assert_eq!(last["done"], true, "{last}");
+    assert_eq!(last["finish_reason"], "length", "{last}");
+    assert!(last["chunks"].as_u64().unwrap() > 100, "{last}");
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = server.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed().as_secs() < 60,
+            "the server did not exit after SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    let log = log.lock().unwrap().join("\n");
+    assert!(
+        log.contains("stopping: no new requests; 1 running"),
+        "{log}"
+    );
 }

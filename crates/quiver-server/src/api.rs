@@ -39,8 +39,19 @@ pub struct Common {
     pub n: Option<usize>,
     #[serde(default)]
     pub stream: bool,
+    /// Completions: how many most likely tokens to list per generated
+    /// token (0-20); chat: `true` to return log-probabilities.
     #[serde(default)]
     pub logprobs: Option<serde_json::Value>,
+    /// Chat: how many most likely tokens to list (0-20; needs `logprobs`).
+    #[serde(default)]
+    pub top_logprobs: Option<usize>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    /// Keep generating past the end-of-sequence token, up to `max_tokens`
+    /// (as vLLM's `ignore_eos`: benchmarks, load tests).
+    #[serde(default)]
+    pub ignore_eos: bool,
     /// Quiver: a route overriding the one `model` names (`arrow`, `uniform`, ...).
     #[serde(default)]
     pub route: Option<String>,
@@ -56,9 +67,16 @@ pub struct Common {
     pub quiver_explain: Option<serde_json::Value>,
 }
 
+/// `stream_options`: `include_usage` adds a last chunk with `usage`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
-    /// One prompt (a list of one string is accepted too).
+    /// A string or a list of strings (each gets `n` choices).
     pub prompt: serde_json::Value,
     #[serde(flatten)]
     pub common: Common,
@@ -127,4 +145,131 @@ pub fn now_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// An HTTP error in OpenAI's shape.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: axum::http::StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<&'static str>,
+    pub code: Option<&'static str>,
+    /// `Retry-After` seconds (429).
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: axum::http::StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn bad(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        Self {
+            param,
+            ..Self::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                message,
+            )
+        }
+    }
+
+    pub fn no_model(model: &str) -> Self {
+        Self {
+            param: Some("model"),
+            code: Some("model_not_found"),
+            ..Self::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!("the model `{model}` does not exist; GET /v1/models lists the base model, every expert and every route"),
+            )
+        }
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            message,
+        )
+    }
+
+    pub fn busy(waiting: usize) -> Self {
+        Self {
+            code: Some("rate_limit_exceeded"),
+            retry_after: Some(1),
+            ..Self::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                format!("the server is busy: {waiting} requests are waiting (--max-queue); retry after a second"),
+            )
+        }
+    }
+
+    pub fn unauthorized() -> Self {
+        Self {
+            code: Some("invalid_api_key"),
+            ..Self::new(
+                axum::http::StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "a valid API key is needed: send `Authorization: Bearer <key>` (the server was started with --api-key)",
+            )
+        }
+    }
+}
+
+impl axum::response::IntoResponse for ApiError {
+    fn into_response(self) -> axum::response::Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                message: self.message,
+                kind: self.kind,
+                param: self.param,
+                code: self.code,
+            },
+        };
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if let Some(s) = self.retry_after {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        resp
+    }
+}
+
+/// A JSON body whose rejection (bad JSON, a missing field, a body over the
+/// size limit) is answered in OpenAI's error shape.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> axum::extract::FromRequest<S> for ApiJson<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Self(v)),
+            Err(e) => {
+                let status = e.status();
+                let mut err = ApiError::bad(e.body_text(), None);
+                if status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    err.status = status;
+                    err.message =
+                        "the request body is larger than the server accepts (--max-body-bytes)"
+                            .into();
+                }
+                Err(err)
+            }
+        }
+    }
 }

@@ -1,12 +1,13 @@
 //! `quiver_explain`: which experts produced each generated token. A
 //! [`Recorder`] observes every routed layer; for each forward pass it keeps
-//! the decision at the last position (the one whose output is the next
-//! token) and the engine takes it after every token: the experts' weights
+//! each sequence's decision at its last position (the one whose output is
+//! the next token) and the engine takes it after every token: the experts' weights
 //! averaged over the routed layers, and with `"layers"` each layer's top-k.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use quiver_core::batch::RowLayout;
 use quiver_core::routing::{RouteDecision, RouteObserver};
 
 use crate::metrics::Metrics;
@@ -20,6 +21,19 @@ pub enum ExplainMode {
     Layers,
 }
 
+/// The request's `quiver_explain` field.
+pub fn mode(c: &crate::api::Common) -> Result<Option<ExplainMode>, crate::api::ApiError> {
+    match &c.quiver_explain {
+        None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => Ok(None),
+        Some(serde_json::Value::Bool(true)) => Ok(Some(ExplainMode::Tokens)),
+        Some(serde_json::Value::String(s)) if s == "layers" => Ok(Some(ExplainMode::Layers)),
+        Some(v) => Err(crate::api::ApiError::bad(
+            format!("quiver_explain must be true, false or \"layers\", not {v}"),
+            Some("quiver_explain"),
+        )),
+    }
+}
+
 /// One layer's decision for one token.
 #[derive(Debug, Clone, PartialEq)]
 struct LayerChoice {
@@ -27,62 +41,76 @@ struct LayerChoice {
     experts: Vec<(String, f32)>,
 }
 
-/// Routing decisions of the current forward pass, when a job asked; and
-/// every decision's experts, counted for `/metrics`.
+/// Routing decisions of the current forward pass, per sequence of the
+/// batch that asked; and every decision's experts, counted for `/metrics`.
+/// In a batch each sequence's adapter runs on its own rows, so a decision
+/// belongs to the sequence the batch's [`RowLayout::current`] names.
 #[derive(Debug)]
 pub struct Recorder {
-    state: Mutex<Option<Vec<LayerChoice>>>,
+    /// For each sequence of the pass: `Some` (its layers' choices so far)
+    /// when its next token is to be explained.
+    state: Mutex<Vec<Option<Vec<LayerChoice>>>>,
+    layout: Arc<RowLayout>,
     metrics: Arc<Metrics>,
 }
 
 impl Recorder {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub fn new(metrics: Arc<Metrics>, layout: Arc<RowLayout>) -> Self {
         Self {
-            state: Mutex::new(None),
+            state: Mutex::new(Vec::new()),
+            layout,
             metrics,
         }
     }
 
-    /// Starts recording (for a job that asked) or stops.
-    pub fn set_active(&self, on: bool) {
-        *self.state.lock().expect("recorder") = on.then(Vec::new);
+    /// Starts a pass: `explain[i]` says whether sequence `i`'s decisions
+    /// are kept.
+    pub fn begin(&self, explain: Vec<bool>) {
+        *self.state.lock().expect("recorder") =
+            explain.into_iter().map(|on| on.then(Vec::new)).collect();
     }
 
-    /// The decisions since the last call, as the JSON of one token's
-    /// explanation; `None` when not recording or nothing was routed.
-    pub fn take(&self, mode: ExplainMode) -> Option<serde_json::Value> {
-        let mut st = self.state.lock().expect("recorder");
-        let layers = std::mem::take(st.as_mut()?);
-        if layers.is_empty() {
-            return None;
-        }
-        let mut mean: BTreeMap<&str, f64> = BTreeMap::new();
-        for l in &layers {
-            for (e, w) in &l.experts {
-                *mean.entry(e.as_str()).or_default() += *w as f64 / layers.len() as f64;
-            }
-        }
-        let mut experts: Vec<(&str, f64)> = mean.into_iter().collect();
-        experts.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(b.0)));
-        let mut v = serde_json::json!({
-            "experts": experts
-                .iter()
-                .map(|(e, w)| serde_json::json!({"expert": e, "weight": w}))
-                .collect::<Vec<_>>(),
-        });
-        if mode == ExplainMode::Layers {
-            v["layers"] = layers
-                .iter()
-                .map(|l| {
-                    serde_json::json!({
-                        "layer": l.layer,
-                        "experts": l.experts.iter().map(|(e, w)| serde_json::json!({"expert": e, "weight": w})).collect::<Vec<_>>(),
-                    })
-                })
-                .collect();
-        }
-        Some(v)
+    /// Sequence `i`'s decisions of the pass, as the JSON of one token's
+    /// explanation; `None` when it was not recorded or nothing was routed.
+    pub fn take(&self, i: usize, mode: Option<ExplainMode>) -> Option<serde_json::Value> {
+        let mode = mode?;
+        let layers = self.state.lock().expect("recorder").get_mut(i)?.take()?;
+        explanation(&layers, mode)
     }
+}
+
+/// One token's explanation: the experts' weights averaged over the routed
+/// layers, and with [`ExplainMode::Layers`] each layer's choice.
+fn explanation(layers: &[LayerChoice], mode: ExplainMode) -> Option<serde_json::Value> {
+    if layers.is_empty() {
+        return None;
+    }
+    let mut mean: BTreeMap<&str, f64> = BTreeMap::new();
+    for l in layers {
+        for (e, w) in &l.experts {
+            *mean.entry(e.as_str()).or_default() += *w as f64 / layers.len() as f64;
+        }
+    }
+    let mut experts: Vec<(&str, f64)> = mean.into_iter().collect();
+    experts.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(b.0)));
+    let mut v = serde_json::json!({
+        "experts": experts
+            .iter()
+            .map(|(e, w)| serde_json::json!({"expert": e, "weight": w}))
+            .collect::<Vec<_>>(),
+    });
+    if mode == ExplainMode::Layers {
+        v["layers"] = layers
+            .iter()
+            .map(|l| {
+                serde_json::json!({
+                    "layer": l.layer,
+                    "experts": l.experts.iter().map(|(e, w)| serde_json::json!({"expert": e, "weight": w})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+    }
+    Some(v)
 }
 
 impl RouteObserver for Recorder {
@@ -96,15 +124,15 @@ impl RouteObserver for Recorder {
                 self.metrics.experts_chosen(name, n);
             }
         }
-        let mut st = self.state.lock().expect("recorder");
-        let Some(layers) = st.as_mut() else {
-            return;
-        };
         if d.b_sz == 0 || d.seq_len == 0 {
             return;
         }
-        // Row 0, last position: the token this pass predicts.
-        let t = d.seq_len - 1;
+        let mut st = self.state.lock().expect("recorder");
+        let Some(Some(layers)) = st.get_mut(self.layout.current()) else {
+            return;
+        };
+        // The last row: the token this pass predicts for the sequence.
+        let t = d.b_sz * d.seq_len - 1;
         let sel = d.selection;
         let experts = (0..sel.k)
             .map(|j| {

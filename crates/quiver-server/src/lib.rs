@@ -6,46 +6,48 @@
 //! route over a library (`arrow`, `uniform`, `uniform-dw`, `ties`, `mu`,
 //! `phatgoose`, or `LIB:ROUTE`); the optional body fields `route`, `top_k`,
 //! `router_temperature` and `mix` override the route's defaults. Routes are
-//! installed through `quiver_core::routing::install_route`, so every
-//! expert is checked on load as everywhere else.
+//! built through `quiver_core::routing::install_route`, so every expert is
+//! checked on load as everywhere else.
 //!
-//! Built so far: `POST /v1/completions`, `POST /v1/chat/completions` (the
-//! model's chat template), both with `stream: true` as server-sent events
-//! in OpenAI's chunk format, `max_tokens`, `temperature`, `top_p`, `seed`,
-//! `stop`, `n` (without streaming), `usage`; `quiver_explain` (`true`:
-//! the experts' weights behind every generated token, averaged over the
-//! routed layers; `"layers"`: each layer's choice too; in streaming mode in
-//! each chunk); `GET /v1/models`; `GET /health`; `GET /metrics`
-//! (Prometheus text). Requests run one at a time on one model thread, in
-//! arrival order. Not built yet: continuous batching with a route per
-//! sequence, a KV-cache budget, `logprobs` (refused, never faked).
+//! * `POST /v1/completions`, `POST /v1/chat/completions` (the model's chat
+//!   template): `stream` (server-sent events in OpenAI's chunk format,
+//!   `stream_options.include_usage`), `max_tokens`, `temperature`,
+//!   `top_p`, `seed`, `stop`, `n`, `logprobs` (and chat's
+//!   `top_logprobs`), several prompts, `usage`; `quiver_explain` (`true`:
+//!   the experts' weights behind every generated token, averaged over the
+//!   routed layers; `"layers"`: each layer's choice too; in streaming mode
+//!   in each chunk).
+//! * `GET /v1/models`, `POST /v1/reload` (re-read the libraries),
+//!   `GET /health`, `GET /metrics` (Prometheus text).
+//! * Continuous batching ([`engine`]): concurrent requests share forward
+//!   passes, each sequence with its own route, prompts prefilled in
+//!   chunks, within a KV-cache budget.
+//! * A bounded queue (429 with `Retry-After` when full), a body size
+//!   limit, `--api-key` (401 without it), SIGTERM: stop accepting, finish
+//!   what runs within a grace period, exit.
 
 pub mod api;
+pub mod catalog;
 pub mod engine;
 pub mod explain;
+mod handlers;
 pub mod metrics;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use quiver_core::generate::SamplingParams;
 use quiver_core::library::ExpertLibrary;
-use quiver_core::routing::{MixMode, Route, RouteSpec};
-use quiver_core::tokenizer::{ChatMessage, Tokenizer};
+use quiver_core::tokenizer::Tokenizer;
 use quiver_core::LoadedModel;
-use tokio_stream::wrappers::UnboundedReceiverStream;
-use tokio_stream::StreamExt;
 
-use api::{ErrorBody, ErrorDetail, ModelCard, ModelList, Usage};
-use engine::{Event, Job, Target};
-use explain::ExplainMode;
+use api::{ApiError, ModelCard, ModelList};
+use catalog::Catalog;
+use engine::{EngineConfig, Job, Queue};
 
 /// Errors of starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -74,493 +76,43 @@ pub struct ServeConfig {
     pub model: LoadedModel,
     pub libraries: Vec<NamedLibrary>,
     pub addr: SocketAddr,
+    pub engine: EngineConfig,
+    /// Generations waiting for the batch at most; more get 429.
+    pub max_queue: usize,
+    /// Every endpoint but `/health` needs `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+    /// Request bodies larger than this get 413.
+    pub max_body_bytes: usize,
+    /// After SIGTERM (or Ctrl-C): how long running requests may take to
+    /// finish before the server exits anyway.
+    pub grace: Duration,
 }
 
 struct AppState {
-    model_id: String,
+    catalog: Catalog,
     tokenizer: Tokenizer,
     max_context: usize,
-    /// (library name, its experts' names), in `--library` order.
-    libraries: Vec<(String, Vec<String>)>,
+    vocab_size: usize,
     jobs: Mutex<mpsc::Sender<Job>>,
+    engine: Arc<Queue>,
+    max_queue: usize,
+    api_key: Option<String>,
     metrics: Arc<metrics::Metrics>,
 }
 
-/// The routes `/v1/models` lists for each library.
-const ROUTES: [&str; 6] = ["arrow", "uniform", "uniform-dw", "ties", "mu", "phatgoose"];
-
-/// An HTTP error in OpenAI's shape.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    message: String,
-    kind: &'static str,
-    param: Option<&'static str>,
-    code: Option<&'static str>,
-}
-
-impl ApiError {
-    fn bad(message: impl Into<String>, param: Option<&'static str>) -> Self {
-        Self {
-            status: StatusCode::BAD_REQUEST,
-            message: message.into(),
-            kind: "invalid_request_error",
-            param,
-            code: None,
-        }
-    }
-
-    fn no_model(model: &str) -> Self {
-        Self {
-            status: StatusCode::NOT_FOUND,
-            message: format!("the model `{model}` does not exist; GET /v1/models lists the base model, every expert and every route"),
-            kind: "invalid_request_error",
-            param: Some("model"),
-            code: Some("model_not_found"),
-        }
-    }
-
-    fn internal(message: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            message: message.into(),
-            kind: "server_error",
-            param: None,
-            code: None,
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = ErrorBody {
-            error: ErrorDetail {
-                message: self.message,
-                kind: self.kind,
-                param: self.param,
-                code: self.code,
-            },
-        };
-        (self.status, Json(body)).into_response()
-    }
-}
-
-impl AppState {
-    fn model_ids(&self) -> Vec<String> {
-        let mut ids = vec![self.model_id.clone(), "base".to_string()];
-        let prefix = |lib: &str| {
-            if self.libraries.len() > 1 {
-                format!("{lib}:")
-            } else {
-                String::new()
-            }
-        };
-        for (lib, experts) in &self.libraries {
-            let p = prefix(lib);
-            ids.extend(experts.iter().map(|e| format!("{p}{e}")));
-            ids.extend(ROUTES.iter().map(|r| format!("{p}{r}")));
-        }
-        ids
-    }
-
-    /// What `model` (and the route fields) name.
-    fn resolve(&self, c: &api::Common) -> Result<Target, ApiError> {
-        let model = c.model.as_str();
-        let (lib, name) = match model.split_once(':') {
-            Some((l, rest)) if self.libraries.iter().any(|(n, _)| n == l) => {
-                let i = self
-                    .libraries
-                    .iter()
-                    .position(|(n, _)| n == l)
-                    .expect("found");
-                (Some(i), rest)
-            }
-            _ => (
-                if self.libraries.is_empty() {
-                    None
-                } else {
-                    Some(0)
-                },
-                model,
-            ),
-        };
-        let mut route = if model == "base" || model == self.model_id {
-            Route::Base
-        } else if let Some(i) = lib {
-            if self.libraries[i].1.iter().any(|e| e == name) {
-                Route::Expert(name.to_string())
-            } else {
-                name.parse::<Route>()
-                    .map_err(|_| ApiError::no_model(model))?
-            }
-        } else {
-            return Err(ApiError::no_model(model));
-        };
-        if let Some(r) = &c.route {
-            route = r
-                .parse()
-                .map_err(|e: quiver_core::Error| ApiError::bad(e.to_string(), Some("route")))?;
-        }
-        let mut spec = RouteSpec::new(route);
-        spec.options.top_k = c.top_k;
-        spec.options.temperature = c.router_temperature;
-        if let Some(m) = &c.mix {
-            spec.options.mix = m
-                .parse::<MixMode>()
-                .map_err(|e| ApiError::bad(e.to_string(), Some("mix")))?;
-        }
-        spec.validate()
-            .map_err(|e| ApiError::bad(e.to_string(), None))?;
-        let library = if spec.route == Route::Base { None } else { lib };
-        if spec.route != Route::Base && library.is_none() {
-            return Err(ApiError::bad(
-                format!(
-                    "route `{}` needs a library; the server was started without --library",
-                    spec.route
-                ),
-                Some("model"),
-            ));
-        }
-        if explain_mode(c)?.is_some() && spec.route.selector_kind().is_none() {
-            return Err(ApiError::bad(
-                format!("quiver_explain shows per-token routing; route `{}` is the same for every token (use arrow, mu or phatgoose)", spec.route),
-                Some("quiver_explain"),
-            ));
-        }
-        Ok(Target { library, spec })
-    }
-
-    fn params(&self, c: &api::Common, i: usize) -> Result<SamplingParams, ApiError> {
-        let p = SamplingParams {
-            temperature: c.temperature.unwrap_or(1.0),
-            top_p: c.top_p.unwrap_or(1.0),
-            seed: c.seed.unwrap_or(0).wrapping_add(i as u64),
-            max_tokens: c.max_tokens.unwrap_or(16),
-        };
-        p.validate().map_err(|e| {
-            ApiError::bad(
-                e.to_string()
-                    .replace("--temperature", "temperature")
-                    .replace("--top-p", "top_p"),
-                None,
-            )
-        })?;
-        if p.max_tokens == 0 {
-            return Err(ApiError::bad(
-                "max_tokens must be at least 1",
-                Some("max_tokens"),
-            ));
-        }
-        Ok(p)
-    }
-
-    fn submit(&self, job: Job) -> Result<(), ApiError> {
-        self.metrics.job_queued();
-        self.jobs
-            .lock()
-            .map_err(|_| ApiError::internal("the model thread is gone"))?
-            .send(job)
-            .map_err(|_| ApiError::internal("the model thread is gone"))
-    }
-}
-
-fn explain_mode(c: &api::Common) -> Result<Option<ExplainMode>, ApiError> {
-    match &c.quiver_explain {
-        None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => Ok(None),
-        Some(serde_json::Value::Bool(true)) => Ok(Some(ExplainMode::Tokens)),
-        Some(serde_json::Value::String(s)) if s == "layers" => Ok(Some(ExplainMode::Layers)),
-        Some(v) => Err(ApiError::bad(
-            format!("quiver_explain must be true, false or \"layers\", not {v}"),
-            Some("quiver_explain"),
-        )),
-    }
-}
-
-fn check_common(c: &api::Common) -> Result<usize, ApiError> {
-    if c.logprobs
-        .as_ref()
-        .is_some_and(|v| !v.is_null() && *v != serde_json::json!(false))
-    {
-        return Err(ApiError::bad(
-            "logprobs are not supported by this server yet",
-            Some("logprobs"),
-        ));
-    }
-    let n = c.n.unwrap_or(1);
-    if n == 0 {
-        return Err(ApiError::bad("n must be at least 1", Some("n")));
-    }
-    if n > 1 && c.stream {
-        return Err(ApiError::bad(
-            "n > 1 with stream is not supported yet",
-            Some("n"),
-        ));
-    }
-    Ok(n)
-}
-
-/// One finished generation.
-struct Finished {
-    text: String,
-    explain: Vec<serde_json::Value>,
-    reason: &'static str,
-    prompt_tokens: usize,
-    completion_tokens: usize,
-}
-
-async fn collect(
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
-) -> Result<Finished, ApiError> {
-    let mut text = String::new();
-    let mut explain = Vec::new();
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            Event::Text(t) => text.push_str(&t),
-            Event::Explain(v) => explain.push(v),
-            Event::Done {
-                reason,
-                prompt_tokens,
-                completion_tokens,
-            } => {
-                return Ok(Finished {
-                    text,
-                    explain,
-                    reason: api::finish_reason(reason),
-                    prompt_tokens,
-                    completion_tokens,
-                })
-            }
-            Event::Error(e) => return Err(ApiError::bad(e, None)),
-        }
-    }
-    Err(ApiError::internal("the model thread stopped mid-request"))
-}
-
-/// Runs `n` generations of `prompt` and collects them.
-async fn run_all(
-    st: &AppState,
-    c: &api::Common,
-    prompt: Vec<u32>,
-    n: usize,
-) -> Result<Vec<Finished>, ApiError> {
-    let target = st.resolve(c)?;
-    let stop = c.stop.as_ref().map(api::Stop::list).unwrap_or_default();
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        st.submit(Job {
-            prompt: prompt.clone(),
-            params: st.params(c, i)?,
-            stop: stop.clone(),
-            target: target.clone(),
-            explain: explain_mode(c)?,
-            events: tx,
-            submitted: std::time::Instant::now(),
-        })?;
-        out.push(collect(rx).await?);
-    }
-    Ok(out)
-}
-
-fn usage(f: &[Finished]) -> Usage {
-    let prompt = f.first().map(|x| x.prompt_tokens).unwrap_or(0);
-    let completion: usize = f.iter().map(|x| x.completion_tokens).sum();
-    Usage {
-        prompt_tokens: prompt,
-        completion_tokens: completion,
-        total_tokens: prompt + completion,
-    }
-}
-
-fn encode(st: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
-    let ids = st
-        .tokenizer
-        .encode(text)
-        .map_err(|e| ApiError::bad(e.to_string(), Some("prompt")))?;
-    if ids.is_empty() {
-        return Err(ApiError::bad("the prompt is empty", Some("prompt")));
-    }
-    if ids.len() >= st.max_context {
-        return Err(ApiError::bad(
-            format!(
-                "the prompt has {} tokens but the model's context window is {} tokens",
-                ids.len(),
-                st.max_context
-            ),
-            Some("prompt"),
-        ));
-    }
-    Ok(ids)
-}
-
-/// A streamed generation as server-sent events: `chunk(text, finish)` makes
-/// each `data:` object; `[DONE]` ends the stream.
-fn stream_response(
-    st: &AppState,
-    c: &api::Common,
-    prompt: Vec<u32>,
-    chunk: impl Fn(Option<&str>, Option<&str>) -> serde_json::Value + Send + Sync + 'static,
-) -> Result<Response, ApiError> {
-    let target = st.resolve(c)?;
-    let explain = explain_mode(c)?;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    st.submit(Job {
-        prompt,
-        params: st.params(c, 0)?,
-        stop: c.stop.as_ref().map(api::Stop::list).unwrap_or_default(),
-        target,
-        explain,
-        events: tx,
-        submitted: std::time::Instant::now(),
-    })?;
-    // Explanations ride in the next chunk that goes out.
-    let mut pending: Vec<serde_json::Value> = Vec::new();
-    let finish = move |mut v: serde_json::Value, pending: &mut Vec<serde_json::Value>| {
-        if explain.is_some() {
-            v["choices"][0]["quiver_explain"] = serde_json::Value::Array(std::mem::take(pending));
-        }
-        v.to_string()
-    };
-    let events = UnboundedReceiverStream::new(rx).filter_map(move |ev| {
-        let data = match ev {
-            Event::Explain(v) => {
-                pending.push(v);
-                return None;
-            }
-            Event::Text(t) => finish(chunk(Some(&t), None), &mut pending),
-            Event::Done { reason, .. } => {
-                finish(chunk(None, Some(api::finish_reason(reason))), &mut pending)
-            }
-            Event::Error(e) => serde_json::json!({"error": {
-                "message": e, "type": "invalid_request_error", "param": null, "code": null
-            }})
-            .to_string(),
-        };
-        Some(Ok::<_, Infallible>(SseEvent::default().data(data)))
-    });
-    let done = tokio_stream::once(Ok::<_, Infallible>(SseEvent::default().data("[DONE]")));
-    Ok(Sse::new(events.chain(done)).into_response())
-}
-
-fn prompt_text(v: &serde_json::Value) -> Result<String, ApiError> {
-    match v {
-        serde_json::Value::String(s) => Ok(s.clone()),
-        serde_json::Value::Array(a) if a.len() == 1 && a[0].is_string() => {
-            Ok(a[0].as_str().expect("string").to_string())
-        }
-        _ => Err(ApiError::bad(
-            "prompt must be a string (batches of prompts are not supported yet)",
-            Some("prompt"),
-        )),
-    }
-}
-
-async fn completions(
-    State(st): State<Arc<AppState>>,
-    Json(req): Json<api::CompletionRequest>,
-) -> Result<Response, ApiError> {
-    let n = check_common(&req.common)?;
-    let prompt = encode(&st, &prompt_text(&req.prompt)?)?;
-    let id = format!("cmpl-{:x}", api::now_secs());
-    let created = api::now_secs();
-    let model = req.common.model.clone();
-    if req.common.stream {
-        return stream_response(&st, &req.common, prompt, move |text, finish| {
-            serde_json::json!({
-                "id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null,
-                             "finish_reason": finish}],
-            })
-        });
-    }
-    let done = run_all(&st, &req.common, prompt, n).await?;
-    let choices: Vec<serde_json::Value> = done
-        .iter()
-        .enumerate()
-        .map(|(i, f)| {
-            let mut c = serde_json::json!({"index": i, "text": f.text, "logprobs": null,
-                               "finish_reason": f.reason});
-            if explain_mode(&req.common).ok().flatten().is_some() {
-                c["quiver_explain"] = f.explain.clone().into();
-            }
-            c
-        })
-        .collect();
-    Ok(Json(serde_json::json!({
-        "id": id, "object": "text_completion", "created": created, "model": model,
-        "choices": choices, "usage": usage(&done),
-    }))
-    .into_response())
-}
-
-async fn chat_completions(
-    State(st): State<Arc<AppState>>,
-    Json(req): Json<api::ChatRequest>,
-) -> Result<Response, ApiError> {
-    let n = check_common(&req.common)?;
-    if req.messages.is_empty() {
-        return Err(ApiError::bad(
-            "messages must not be empty",
-            Some("messages"),
-        ));
-    }
-    let msgs: Vec<ChatMessage> = req
-        .messages
-        .iter()
-        .map(|m| ChatMessage {
-            role: m.role.clone(),
-            content: m.content.clone(),
-        })
-        .collect();
-    let text = st
-        .tokenizer
-        .apply_chat_template(&msgs, true)
-        .map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
-    let prompt = encode(&st, &text)?;
-    let id = format!("chatcmpl-{:x}", api::now_secs());
-    let created = api::now_secs();
-    let model = req.common.model.clone();
-    if req.common.stream {
-        let first = std::sync::atomic::AtomicBool::new(true);
-        return stream_response(&st, &req.common, prompt, move |text, finish| {
-            let mut delta = serde_json::Map::new();
-            if first.swap(false, std::sync::atomic::Ordering::Relaxed) {
-                delta.insert("role".into(), "assistant".into());
-            }
-            if let Some(t) = text {
-                delta.insert("content".into(), t.into());
-            }
-            serde_json::json!({
-                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-            })
-        });
-    }
-    let done = run_all(&st, &req.common, prompt, n).await?;
-    let choices: Vec<serde_json::Value> = done
-        .iter()
-        .enumerate()
-        .map(|(i, f)| {
-            let mut c = serde_json::json!({"index": i, "message": {"role": "assistant", "content": f.text},
-                               "logprobs": null, "finish_reason": f.reason});
-            if explain_mode(&req.common).ok().flatten().is_some() {
-                c["quiver_explain"] = f.explain.clone().into();
-            }
-            c
-        })
-        .collect();
-    Ok(Json(serde_json::json!({
-        "id": id, "object": "chat.completion", "created": created, "model": model,
-        "choices": choices, "usage": usage(&done),
-    }))
-    .into_response())
-}
-
 async fn models(State(st): State<Arc<AppState>>) -> Json<ModelList> {
+    let s = st.clone();
+    // A library that cannot be listed keeps its last listing.
+    let _ = tokio::task::spawn_blocking(move || s.catalog.reload()).await;
+    model_list(&st)
+}
+
+fn model_list(st: &AppState) -> Json<ModelList> {
     let created = api::now_secs();
     Json(ModelList {
         object: "list",
         data: st
+            .catalog
             .model_ids()
             .into_iter()
             .map(|id| ModelCard {
@@ -571,6 +123,19 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<ModelList> {
             })
             .collect(),
     })
+}
+
+/// `POST /v1/reload`: the libraries' listings read again; answers the new
+/// model list, or 500 naming the libraries that could not be read.
+async fn reload(State(st): State<Arc<AppState>>) -> Result<Json<ModelList>, ApiError> {
+    let s = st.clone();
+    let problems = tokio::task::spawn_blocking(move || s.catalog.reload())
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    if !problems.is_empty() {
+        return Err(ApiError::internal(problems.join("; ")));
+    }
+    Ok(model_list(&st))
 }
 
 async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
@@ -596,18 +161,60 @@ async fn count_requests(
     resp
 }
 
+/// With `--api-key`, every endpoint but `/health` needs the key.
+async fn check_key(
+    State(st): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(key) = &st.api_key {
+        let given = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if req.uri().path() != "/health" && !given.is_some_and(|g| constant_time_eq(g, key)) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Compares without stopping at the first difference, so the time taken
+/// does not tell how much of a guessed key was right.
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
 
+async fn not_found() -> ApiError {
+    let mut e = ApiError::bad(
+        "no such endpoint; the server has /v1/completions, /v1/chat/completions, /v1/models, /v1/reload, /health and /metrics",
+        None,
+    );
+    e.status = axum::http::StatusCode::NOT_FOUND;
+    e
+}
+
 /// The HTTP routes over a started model thread.
-fn router(state: Arc<AppState>) -> Router {
+fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     Router::new()
-        .route("/v1/completions", post(completions))
-        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(handlers::completions))
+        .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/models", get(models))
+        .route("/v1/reload", post(reload))
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            check_key,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             count_requests,
@@ -615,37 +222,68 @@ fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Serves until Ctrl-C; `on_listen` gets the bound address (with `port 0`,
-/// the one the system chose) once requests are accepted.
-pub fn serve(cfg: ServeConfig, on_listen: impl FnOnce(SocketAddr)) -> Result<(), ServeError> {
-    let mut libraries = Vec::new();
-    for l in &cfg.libraries {
-        let names = l
-            .library
-            .list()
-            .map_err(quiver_core::Error::from)?
-            .into_iter()
-            .map(|e| e.name)
-            .collect();
-        libraries.push((l.name.clone(), names));
+/// SIGTERM or Ctrl-C.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let sigterm = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = sigterm => {}
+        }
     }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Serves until SIGTERM or Ctrl-C; `on_listen` gets the bound address
+/// (with `port 0`, the one the system chose) once requests are accepted.
+/// After the signal no new connection is accepted; requests already
+/// running get `cfg.grace` to finish.
+pub fn serve(cfg: ServeConfig, on_listen: impl FnOnce(SocketAddr)) -> Result<(), ServeError> {
+    let mut mine = Vec::new();
+    for l in &cfg.libraries {
+        let own = ExpertLibrary::open(l.library.uri()).map_err(quiver_core::Error::from)?;
+        mine.push((l.name.clone(), own));
+    }
+    let catalog = Catalog::new(cfg.model_id.clone(), mine)?;
     let metrics = Arc::new(metrics::Metrics::default());
+    let config = cfg.model.model.config();
+    let (max_context, vocab_size) = (config.max_position_embeddings, config.vocab_size);
+    let tokenizer = cfg.model.tokenizer.clone();
+    let engine = engine::start(
+        cfg.model,
+        cfg.libraries.into_iter().map(|l| l.library).collect(),
+        metrics.clone(),
+        cfg.engine,
+    );
     let state = Arc::new(AppState {
-        model_id: cfg.model_id.clone(),
-        tokenizer: cfg.model.tokenizer.clone(),
-        max_context: cfg.model.model.config().max_position_embeddings,
-        libraries,
-        jobs: Mutex::new(engine::start(
-            cfg.model,
-            cfg.libraries.into_iter().map(|l| l.library).collect(),
-            metrics.clone(),
-        )),
-        metrics,
+        catalog,
+        tokenizer,
+        max_context,
+        vocab_size,
+        jobs: Mutex::new(engine.jobs),
+        engine: engine.queue,
+        max_queue: cfg.max_queue,
+        api_key: cfg.api_key,
+        metrics: metrics.clone(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let grace = cfg.grace;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(cfg.addr)
             .await
@@ -654,11 +292,27 @@ pub fn serve(cfg: ServeConfig, on_listen: impl FnOnce(SocketAddr)) -> Result<(),
                 source,
             })?;
         on_listen(listener.local_addr()?);
-        axum::serve(listener, router(state))
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await?;
+        let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
+        let server = axum::serve(listener, router(state, cfg.max_body_bytes))
+            .with_graceful_shutdown(async move {
+                stop_signal().await;
+                let _ = stopping_tx.send(true);
+            });
+        let deadline = async {
+            let _ = stopping.wait_for(|s| *s).await;
+            eprintln!(
+                "stopping: no new requests; {} running or waiting get {}s to finish",
+                metrics.in_flight(),
+                grace.as_secs()
+            );
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! {
+            r = server => r?,
+            _ = deadline => {
+                eprintln!("stopping: the grace period is over; {} requests cut off", metrics.in_flight());
+            }
+        }
         Ok(())
     })
 }

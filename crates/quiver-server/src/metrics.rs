@@ -12,16 +12,35 @@ const BUCKETS: [f64; 12] = [
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
-#[derive(Debug, Default)]
+/// Upper bounds of the batch-size histogram's buckets (sequences per pass).
+const BATCH_BUCKETS: [f64; 8] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+
+#[derive(Debug)]
 struct Histogram {
-    counts: [u64; BUCKETS.len()],
+    bounds: &'static [f64],
+    counts: Vec<u64>,
     sum: f64,
     n: u64,
 }
 
+impl Default for Histogram {
+    fn default() -> Self {
+        Self::with(&BUCKETS)
+    }
+}
+
 impl Histogram {
+    fn with(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: vec![0; bounds.len()],
+            sum: 0.0,
+            n: 0,
+        }
+    }
+
     fn observe(&mut self, v: f64) {
-        for (c, b) in self.counts.iter_mut().zip(BUCKETS) {
+        for (c, &b) in self.counts.iter_mut().zip(self.bounds) {
             if v <= b {
                 *c += 1;
             }
@@ -32,7 +51,7 @@ impl Histogram {
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (c, b) in self.counts.iter().zip(BUCKETS) {
+        for (c, b) in self.counts.iter().zip(self.bounds) {
             let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");
         }
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.n);
@@ -41,18 +60,39 @@ impl Histogram {
 }
 
 /// The server's counters, shared by the handlers and the model thread.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
     /// Jobs submitted and not finished (waiting or running).
     queued: AtomicU64,
-    /// Sequences in the running forward pass (one at a time for now).
+    /// Sequences in the batch.
     running: AtomicU64,
     latency: Mutex<Histogram>,
     ttft: Mutex<Histogram>,
+    /// Sequences per forward pass.
+    batch: Mutex<Histogram>,
+    /// New tokens of all forward passes (prompt chunks and decoded tokens).
+    pass_tokens: AtomicU64,
     experts: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            requests: Mutex::default(),
+            prompt_tokens: AtomicU64::default(),
+            completion_tokens: AtomicU64::default(),
+            queued: AtomicU64::default(),
+            running: AtomicU64::default(),
+            latency: Mutex::default(),
+            ttft: Mutex::default(),
+            batch: Mutex::new(Histogram::with(&BATCH_BUCKETS)),
+            pass_tokens: AtomicU64::default(),
+            experts: Mutex::default(),
+        }
+    }
 }
 
 impl Metrics {
@@ -69,8 +109,23 @@ impl Metrics {
         self.queued.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn job_started(&self) {
-        self.running.store(1, Ordering::Relaxed);
+    /// Sequences now in the batch.
+    pub fn set_running(&self, n: usize) {
+        self.running.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// One forward pass over `sequences` sequences and `tokens` new tokens.
+    pub fn batch(&self, sequences: usize, tokens: usize) {
+        self.batch
+            .lock()
+            .expect("metrics")
+            .observe(sequences as f64);
+        self.pass_tokens.fetch_add(tokens as u64, Ordering::Relaxed);
+    }
+
+    /// Generations submitted and not finished.
+    pub fn in_flight(&self) -> u64 {
+        self.queued.load(Ordering::Relaxed)
     }
 
     pub fn first_token(&self, seconds: f64) {
@@ -79,7 +134,6 @@ impl Metrics {
 
     pub fn job_finished(&self, seconds: f64, prompt: usize, completion: usize) {
         self.queued.fetch_sub(1, Ordering::Relaxed);
-        self.running.store(0, Ordering::Relaxed);
         self.latency.lock().expect("metrics").observe(seconds);
         self.prompt_tokens
             .fetch_add(prompt as u64, Ordering::Relaxed);
@@ -120,6 +174,11 @@ impl Metrics {
                 "Generated tokens.",
                 self.completion_tokens.load(Ordering::Relaxed),
             ),
+            (
+                "quiver_batch_tokens_total",
+                "New tokens of all forward passes (prompt chunks and decoded tokens).",
+                self.pass_tokens.load(Ordering::Relaxed),
+            ),
         ] {
             let _ = writeln!(
                 out,
@@ -133,8 +192,8 @@ impl Metrics {
                 self.queued.load(Ordering::Relaxed),
             ),
             (
-                "quiver_batch_size",
-                "Sequences in the running forward pass.",
+                "quiver_running_sequences",
+                "Sequences in the batch.",
                 self.running.load(Ordering::Relaxed),
             ),
         ] {
@@ -149,6 +208,11 @@ impl Metrics {
             &mut out,
             "quiver_time_to_first_token_seconds",
             "Time from a generation's submission to its first token.",
+        );
+        self.batch.lock().expect("metrics").render(
+            &mut out,
+            "quiver_batch_size",
+            "Sequences per forward pass.",
         );
         let _ = writeln!(
             out,
