@@ -528,3 +528,123 @@ fn serve_limits_faults_reload_and_shutdown() {
         "{log}"
     );
 }
+
+/// The server's peak resident memory (`VmHWM`), in MiB.
+fn peak_rss_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// A bounded load test on loopback: 16 concurrent clients, 320 greedy
+/// requests over the base model, two experts and Arrow, a hard time cap;
+/// every request completes (or gets a 429), none hangs, every answer
+/// equals the same request sent alone, and the server's peak RSS stays
+/// under 600 MiB. Then curl: SSE framing and the key check.
+#[test]
+fn serve_under_load_and_curl() {
+    let Some(py) = python() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let lib = library(tmp.path());
+    let model = fixture("tiny_llama").display().to_string();
+    let (server, addr, _log) = start_server(&[
+        "--model",
+        &model,
+        "--library",
+        &lib,
+        "--api-key",
+        "k",
+        "--max-queue",
+        "64",
+    ]);
+    let url = format!("{addr}/v1");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/interop/load_serve.py");
+    let out = Command::new(&py)
+        .arg(script)
+        .args([&url, "16", "320", "240", "base", "ad0", "ad1", "arrow"])
+        .env("QUIVER_API_KEY", "k")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    println!(
+        "load: {}",
+        serde_json::json!({"statuses": v["statuses"], "wall_s": v["wall_s"]})
+    );
+    assert_eq!(v["requests"], 320);
+    assert_eq!(v["failed"], serde_json::json!([]), "{v}");
+    assert_eq!(
+        v["wrong"],
+        serde_json::json!([]),
+        "concurrent answers = alone: {v}"
+    );
+    let ok = v["statuses"]["200"].as_u64().unwrap_or(0);
+    let busy = v["statuses"]["429"].as_u64().unwrap_or(0);
+    assert_eq!(ok + busy, 320, "{v}");
+    assert!(ok >= 160, "most requests are served: {v}");
+    let rss = peak_rss_mb(server.0.id()).expect("/proc/PID/status");
+    println!("server peak RSS: {rss:.0} MiB");
+    assert!(rss < 600.0, "peak RSS {rss:.0} MiB");
+
+    // curl: the key, and the stream's framing (`data: ` events, a blank
+    // line after each, `[DONE]` last).
+    if Command::new("curl").arg("--version").output().is_err() {
+        eprintln!("note: curl is not installed; the curl checks are skipped");
+        return;
+    }
+    let curl = |args: &[&str]| -> (String, String) {
+        let o = Command::new("curl")
+            .args(["-sS", "-w", "\n%{http_code}"])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (body.to_string(), code.to_string())
+    };
+    let (body, code) = curl(&[&format!("{url}/models")]);
+    assert_eq!(code, "401", "{body}");
+    let (_, code) = curl(&[&format!("{addr}/health")]);
+    assert_eq!(code, "200");
+    let (body, code) = curl(&[
+        "-N",
+        "-H",
+        "Authorization: Bearer k",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        r#"{"model": "arrow", "prompt": "The plural of cat is", "max_tokens": 5, "temperature": 0, "stream": true}"#,
+        &format!("{url}/completions"),
+    ]);
+    assert_eq!(code, "200", "{body}");
+    let events: Vec<&str> = body
+        .split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .collect();
+    assert!(events.len() >= 2, "{body}");
+    for e in &events {
+        assert!(e.starts_with("data: "), "an SSE data event: {e:?}");
+    }
+    assert_eq!(events.last().unwrap().trim(), "data: [DONE]");
+    let mut text = String::new();
+    for e in &events[..events.len() - 1] {
+        let c: serde_json::Value = serde_json::from_str(&e["data: ".len()..]).unwrap();
+        assert_eq!(c["object"], "text_completion");
+        text.push_str(c["choices"][0]["text"].as_str().unwrap());
+    }
+    assert_eq!(
+        text,
+        generated(&lib, "arrow")
+            .chars()
+            .take(text.chars().count())
+            .collect::<String>()
+    );
+}

@@ -39,6 +39,8 @@ pub struct Catalog {
     /// its own), for listing.
     libraries: Vec<ExpertLibrary>,
     listings: RwLock<Vec<Listing>>,
+    /// Serve experts whose recorded base model differs from the model's.
+    allow_base_mismatch: bool,
 }
 
 impl Catalog {
@@ -46,6 +48,7 @@ impl Catalog {
     pub fn new(
         model_id: String,
         libraries: Vec<(String, ExpertLibrary)>,
+        allow_base_mismatch: bool,
     ) -> quiver_core::Result<Self> {
         let mut listings = Vec::new();
         let mut handles = Vec::new();
@@ -57,6 +60,7 @@ impl Catalog {
             model_id,
             libraries: handles,
             listings: RwLock::new(listings),
+            allow_base_mismatch,
         })
     }
 
@@ -106,6 +110,7 @@ impl Catalog {
                 .map_err(|e: quiver_core::Error| ApiError::bad(e.to_string(), Some("route")))?;
         }
         let mut spec = RouteSpec::new(route);
+        spec.allow_base_mismatch = self.allow_base_mismatch;
         spec.options.top_k = c.top_k;
         spec.options.temperature = c.router_temperature;
         if let Some(m) = &c.mix {

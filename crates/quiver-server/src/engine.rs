@@ -253,12 +253,26 @@ impl Scheduler {
             if self.running.is_empty() {
                 continue;
             }
-            if let Err(e) = self.step() {
-                // A failed pass fails the sequences in it, never the server.
-                tracing::warn!("forward pass failed: {e}");
+            // A failed pass (an error, or a panic in a kernel) fails the
+            // sequences in it, never the server.
+            let failure =
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step())) {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(panic) => {
+                        // The adapters on the model may be half installed.
+                        self.installed = None;
+                        Some(format!(
+                            "internal error in the forward pass: {}",
+                            panic_message(&panic)
+                        ))
+                    }
+                };
+            if let Some(message) = failure {
+                tracing::warn!("forward pass failed: {message}");
                 for s in &mut self.running {
                     let _ = s.job.events.send(Event::Error {
-                        message: e.to_string(),
+                        message: message.clone(),
                         server: true,
                     });
                     s.done = true;
@@ -298,7 +312,17 @@ impl Scheduler {
                 self.metrics.job_finished(0.0, 0, 0);
                 continue; // the client left while waiting
             }
-            let slot = match self.slot_for(&job.target) {
+            let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.slot_for(&job.target)
+            }))
+            .unwrap_or_else(|p| {
+                self.installed = None;
+                Err(quiver_core::Error::Library(format!(
+                    "internal error while building the route: {}",
+                    panic_message(&p)
+                )))
+            });
+            let slot = match built {
                 Ok(s) => s,
                 Err(e) => {
                     // A bad setting (top_k past the library's size, ...) is
@@ -508,6 +532,13 @@ impl Scheduler {
         self.running = keep;
         self.metrics.set_running(self.running.len());
     }
+}
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
 }
 
 /// Samples a sequence's next token from its logits and sends what the

@@ -86,6 +86,8 @@ pub struct ServeConfig {
     /// After SIGTERM (or Ctrl-C): how long running requests may take to
     /// finish before the server exits anyway.
     pub grace: Duration,
+    /// Serve experts whose recorded base model differs from the model's.
+    pub allow_base_mismatch: bool,
 }
 
 struct AppState {
@@ -257,7 +259,7 @@ pub fn serve(cfg: ServeConfig, on_listen: impl FnOnce(SocketAddr)) -> Result<(),
         let own = ExpertLibrary::open(l.library.uri()).map_err(quiver_core::Error::from)?;
         mine.push((l.name.clone(), own));
     }
-    let catalog = Catalog::new(cfg.model_id.clone(), mine)?;
+    let catalog = Catalog::new(cfg.model_id.clone(), mine, cfg.allow_base_mismatch)?;
     let metrics = Arc::new(metrics::Metrics::default());
     let config = cfg.model.model.config();
     let (max_context, vocab_size) = (config.max_position_embeddings, config.vocab_size);

@@ -62,6 +62,10 @@ pub struct ServeArgs {
     /// Seconds running requests get to finish after SIGTERM or Ctrl-C.
     #[arg(long, default_value_t = 30)]
     pub grace_period: u64,
+    /// Serve experts whose recorded base model differs from --model's (when they are the
+    /// same weights under another name).
+    #[arg(long)]
+    pub allow_base_mismatch: bool,
 }
 
 pub fn run(g: &GlobalArgs, a: ServeArgs) -> Result<ExitCode> {
@@ -96,6 +100,7 @@ pub fn run(g: &GlobalArgs, a: ServeArgs) -> Result<ExitCode> {
         api_key: a.api_key.filter(|k| !k.is_empty()),
         max_body_bytes: a.max_body_bytes,
         grace: std::time::Duration::from_secs(a.grace_period),
+        allow_base_mismatch: a.allow_base_mismatch,
     };
     quiver_server::serve(cfg, |addr| {
         // Printed even with --quiet: a caller with --port 0 needs it.
