@@ -95,6 +95,17 @@ out["chat_logprobs"] = {
     "content": [c.model_dump() for c in r.choices[0].logprobs.content],
     "completion_tokens": r.usage.completion_tokens,
 }
+# logit_bias: +100 on one token makes it every generated token; a key
+# that is not a token id is refused.
+r = client.completions.create(model="base", prompt=prompt, max_tokens=4, temperature=0,
+                              logprobs=0, logit_bias={"5": 100})
+out["logit_bias"] = {"tokens": r.choices[0].logprobs.tokens}
+try:
+    client.completions.create(model="base", prompt=prompt, max_tokens=2,
+                              logit_bias={"x": 1})
+    out["logit_bias"]["bad"] = "no error"
+except openai.BadRequestError as e:
+    out["logit_bias"]["bad"] = {"status": e.status_code, "param": e.param}
 # n choices and several prompts: sampled with a seed, so repeatable, and
 # streamed choices carry their index.
 kw = dict(model="base", max_tokens=6, temperature=1.0, seed=7)

@@ -240,6 +240,12 @@ fn openai_client_talks_to_quiver_serve() {
         assert!((first - c["logprob"].as_f64().unwrap()).abs() < 1e-5, "{c}");
         assert!(top[1]["logprob"].as_f64().unwrap() <= first);
     }
+    let bias = &v["logit_bias"];
+    let toks = bias["tokens"].as_array().unwrap();
+    assert_eq!(toks.len(), 4, "{bias}");
+    assert!(toks.iter().all(|t| t == &toks[0]), "one forced token: {bias}");
+    assert_eq!(bias["bad"]["status"], 400, "{bias}");
+    assert_eq!(bias["bad"]["param"], "logit_bias");
     // n and several prompts.
     let n = &v["n"];
     assert_eq!(n["a"], n["b"], "seeded sampling repeats: {n}");

@@ -48,6 +48,10 @@ pub struct Common {
     pub top_logprobs: Option<usize>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    /// Token id (as a string) to a bias in [-100, 100] added to its logit
+    /// before sampling; -100 bans the token, 100 all but forces it.
+    #[serde(default)]
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
     /// Keep generating past the end-of-sequence token, up to `max_tokens`
     /// (as vLLM's `ignore_eos`: benchmarks, load tests).
     #[serde(default)]

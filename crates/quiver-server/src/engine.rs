@@ -55,6 +55,8 @@ pub struct Job {
     pub logprobs: Option<usize>,
     /// Generate past the end-of-sequence token.
     pub ignore_eos: bool,
+    /// `logit_bias`: added to these tokens' logits before sampling.
+    pub logit_bias: Vec<(u32, f32)>,
     pub events: UnboundedSender<Event>,
     /// When the job was submitted (latency and time-to-first-token metrics).
     pub submitted: Instant,
@@ -551,7 +553,15 @@ fn emit(
     metrics: &Metrics,
     max_context: usize,
 ) -> quiver_core::Result<()> {
-    let next = s.sampler.sample_slice(logits);
+    let next = if s.job.logit_bias.is_empty() {
+        s.sampler.sample_slice(logits)
+    } else {
+        let mut biased = logits.to_vec();
+        for &(t, b) in &s.job.logit_bias {
+            biased[t as usize] += b;
+        }
+        s.sampler.sample_slice(&biased)
+    };
     let finish = |s: &mut Seq, reason: StopReason| -> quiver_core::Result<()> {
         if let Some(rest) = s.text.finish(tok)? {
             let _ = s.job.events.send(Event::Text(rest));

@@ -41,6 +41,7 @@ struct Plan {
     stop: Vec<String>,
     explain: Option<ExplainMode>,
     logprobs: Option<usize>,
+    logit_bias: Vec<(u32, f32)>,
     common: api::Common,
 }
 
@@ -134,6 +135,7 @@ async fn plan(
         stop: c.stop.as_ref().map(api::Stop::list).unwrap_or_default(),
         explain: explain::mode(&c)?,
         logprobs,
+        logit_bias: logit_bias(&c, st.vocab_size)?,
         prompts,
         common: c,
     })
@@ -178,6 +180,36 @@ fn logprobs(kind: Kind, c: &api::Common) -> Result<Option<usize>, ApiError> {
             Some("logprobs"),
         )),
     }
+}
+
+/// `logit_bias` as (token, bias) pairs, each checked.
+fn logit_bias(c: &api::Common, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+    let Some(map) = &c.logit_bias else {
+        return Ok(Vec::new());
+    };
+    map.iter()
+        .map(|(k, &b)| {
+            let t: u32 = k.parse().map_err(|_| {
+                ApiError::bad(
+                    format!("logit_bias keys are token ids, got `{k}`"),
+                    Some("logit_bias"),
+                )
+            })?;
+            if t as usize >= vocab {
+                return Err(ApiError::bad(
+                    format!("logit_bias: token id {t} is outside the vocabulary ({vocab} tokens)"),
+                    Some("logit_bias"),
+                ));
+            }
+            if !(-100.0..=100.0).contains(&b) {
+                return Err(ApiError::bad(
+                    format!("logit_bias values must be in [-100, 100], got {b} for token {t}"),
+                    Some("logit_bias"),
+                ));
+            }
+            Ok((t, b as f32))
+        })
+        .collect()
 }
 
 fn params(c: &api::Common, i: usize) -> Result<SamplingParams, ApiError> {
@@ -231,6 +263,7 @@ fn submit(st: &AppState, plan: &Plan) -> Result<Vec<UnboundedReceiver<Event>>, A
                 explain: plan.explain,
                 logprobs: plan.logprobs,
                 ignore_eos: plan.common.ignore_eos,
+                logit_bias: plan.logit_bias.clone(),
                 events: tx,
                 submitted: std::time::Instant::now(),
             };
