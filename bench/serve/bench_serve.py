@@ -114,7 +114,7 @@ def load(url: str, model: str, clients: int, per_client: int) -> dict:
         "latency_p99_s": q(lat, 0.99),
         "wall_s": wall,
         "chunks": sum(r["chunks"] for r in runs),
-        "finish": sorted({r["finish"] for r in runs}),
+        "finish": sorted({str(r["finish"]) for r in runs}),
     }
 
 
@@ -181,7 +181,10 @@ def main() -> int:
         l = serve([sys.executable, "-m", "llama_cpp.server", "--model", args.gguf,
                    "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
                    "--n_ctx", "2048", "--host", "127.0.0.1", "--port", str(port),
-                   "--verbose", "False"], env, url)
+                   "--verbose", "False",
+                   # Queue concurrent requests (its default lets a new request
+                   # interrupt the one streaming).
+                   "--interrupt_requests", "False"], env, url)
         try:
             for c in levels:
                 r = load(url, "base", c, per_client)

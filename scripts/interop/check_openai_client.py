@@ -140,7 +140,19 @@ def complete(job):
 alone = [complete(j) for j in jobs]
 with cf.ThreadPoolExecutor(len(jobs)) as ex:
     together = list(ex.map(complete, jobs * 3))
-out["batching"] = {"alone": alone, "together": together}
+# Explanations in a batch: each sequence gets its own tokens' experts.
+def explained(p):
+    r = client.completions.create(model="arrow", prompt=p, max_tokens=6, temperature=0,
+                                  extra_body={"quiver_explain": "layers", "top_k": 2})
+    return (r.choices[0].model_extra or {}).get("quiver_explain")
+
+
+ex_prompts = [prompt, long_prompt, "Say hi", "Two plus two is"]
+ex_alone = [explained(p) for p in ex_prompts]
+with cf.ThreadPoolExecutor(len(ex_prompts)) as ex:
+    ex_together = list(ex.map(explained, ex_prompts * 2))
+out["batching"] = {"alone": alone, "together": together, "explain_alone": ex_alone,
+                   "explain_together": ex_together}
 # Prometheus metrics, after all of the above.
 import urllib.request
 out["metrics"] = urllib.request.urlopen(base_url.removesuffix("/v1") + "/metrics").read().decode()

@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use common::{fixture, quiver, run};
 use quiver_core::expert::Expert;
 
@@ -46,8 +46,29 @@ fn library(tmp: &Path) -> String {
     let lib = tmp.join("lib").display().to_string();
     for i in 0..3 {
         let mut e = Expert::load(&fixture("peft_tiny_llama"), &Device::Cpu, DType::F32).unwrap();
+        // Strong, and pointing in different directions (each A plus its
+        // own deterministic noise), so Arrow's choices are not ties.
+        let mut seed = 17 + i as u64;
         for (a, _) in e.weights.values_mut() {
-            *a = a.affine(4.0 + i as f64, 0.0).unwrap();
+            let noise: Vec<f32> = (0..a.elem_count())
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+                })
+                .collect();
+            let scale = a
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let noise = Tensor::from_vec(noise, a.dims(), &Device::Cpu).unwrap();
+            *a = (a.affine(4.0 + i as f64, 0.0).unwrap()
+                + noise.affine(4.0 * scale as f64, 0.0).unwrap())
+            .unwrap();
         }
         let name = format!("ad{i}");
         let dir = tmp.join(&name);
@@ -243,7 +264,10 @@ fn openai_client_talks_to_quiver_serve() {
     let bias = &v["logit_bias"];
     let toks = bias["tokens"].as_array().unwrap();
     assert_eq!(toks.len(), 4, "{bias}");
-    assert!(toks.iter().all(|t| t == &toks[0]), "one forced token: {bias}");
+    assert!(
+        toks.iter().all(|t| t == &toks[0]),
+        "one forced token: {bias}"
+    );
     assert_eq!(bias["bad"]["status"], 400, "{bias}");
     assert_eq!(bias["bad"]["param"], "logit_bias");
     // n and several prompts.
@@ -263,6 +287,37 @@ fn openai_client_talks_to_quiver_serve() {
     assert_eq!(together.len(), 3 * alone.len());
     for (i, t) in together.iter().enumerate() {
         assert_eq!(t, &alone[i % alone.len()], "request {i}: batched = alone");
+    }
+    let ex_alone = b["explain_alone"].as_array().unwrap();
+    let ex_together = b["explain_together"].as_array().unwrap();
+    for (i, t) in ex_together.iter().enumerate() {
+        let a = &ex_alone[i % ex_alone.len()];
+        let (ta, aa) = (t.as_array().unwrap(), a.as_array().unwrap());
+        assert_eq!(ta.len(), aa.len(), "request {i}: one explanation per token");
+        for (x, y) in ta.iter().zip(aa) {
+            let names = |v: &serde_json::Value| -> Vec<String> {
+                v["experts"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e["expert"].to_string())
+                    .collect()
+            };
+            assert_eq!(
+                names(x),
+                names(y),
+                "request {i}: batched explanation = alone"
+            );
+            for (ex, ey) in x["experts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(y["experts"].as_array().unwrap())
+            {
+                let d = ex["weight"].as_f64().unwrap() - ey["weight"].as_f64().unwrap();
+                assert!(d.abs() < 1e-4, "request {i}: {x:#} vs {y:#}");
+            }
+        }
     }
     // /metrics counts what the client did.
     let m = v["metrics"].as_str().unwrap();

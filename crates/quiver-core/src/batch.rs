@@ -23,9 +23,10 @@ use crate::models::Llama;
 #[derive(Debug, Default)]
 pub struct RowLayout {
     segments: Mutex<Vec<(usize, usize)>>,
-    /// The sequence whose rows an adapter is computing now (see
+    /// The sequences whose rows an adapter is computing now (see
     /// [`RowLayout::current`]).
     current: AtomicUsize,
+    current_end: AtomicUsize,
 }
 
 impl RowLayout {
@@ -42,12 +43,18 @@ impl RowLayout {
         self.segments.lock().expect("row layout").clone()
     }
 
-    /// Which sequence (index into [`RowLayout::set`]'s list) the adapter
-    /// term being computed belongs to: what an observer of routing
-    /// decisions ([`crate::routing::RouteObserver`]) reads to tell the
-    /// sequences of one batch apart.
-    pub fn current(&self) -> usize {
-        self.current.load(Ordering::Relaxed)
+    /// Which sequences (indices into [`RowLayout::set`]'s list) the
+    /// adapter term being computed belongs to: consecutive sequences of one
+    /// slot are computed in one call, their rows one after the other. What
+    /// an observer of routing decisions ([`crate::routing::RouteObserver`])
+    /// reads to tell the sequences of one batch apart. Before any batched
+    /// call (an adapter installed alone), every sequence.
+    pub fn current(&self) -> std::ops::Range<usize> {
+        let end = self.current_end.load(Ordering::Relaxed);
+        if end == 0 {
+            return 0..self.segments.lock().expect("row layout").len();
+        }
+        self.current.load(Ordering::Relaxed)..end
     }
 }
 
@@ -84,37 +91,48 @@ impl LinearAdapter for SegmentAdapter {
             )
         }
         let x2 = xs.reshape((rows, inp))?;
+        // Runs of consecutive sequences in one slot: one call each, so a
+        // slot's router and experts are read once per pass, not once per
+        // sequence.
         let mut parts = Vec::with_capacity(segments.len());
-        let mut start = 0;
+        let (mut start, mut i) = (0, 0);
         let mut out_dim = None;
-        for (i, &(len, slot)) in segments.iter().enumerate() {
-            let len = if per_row { len } else { 1 };
-            let rows_x = x2.narrow(0, start, len)?.unsqueeze(0)?;
-            start += len;
+        while i < segments.len() {
+            let slot = segments[i].1;
+            let mut j = i;
+            let mut len = 0;
+            while j < segments.len() && segments[j].1 == slot {
+                len += if per_row { segments[j].0 } else { 1 };
+                j += 1;
+            }
             let adapter = self.slots.get(slot).ok_or_else(|| {
                 candle_core::Error::Msg(format!(
                     "sequence {i} uses adapter slot {slot} but the layer has {}",
                     self.slots.len()
                 ))
             })?;
-            parts.push(match adapter {
-                Some(a) => {
-                    self.layout.current.store(i, Ordering::Relaxed);
-                    let d = a.delta(&rows_x)?;
-                    out_dim = Some(d.dim(candle_core::D::Minus1)?);
-                    Some(d.squeeze(0)?)
-                }
-                None => None,
-            });
+            parts.push((
+                len,
+                match adapter {
+                    Some(a) => {
+                        self.layout.current.store(i, Ordering::Relaxed);
+                        self.layout.current_end.store(j, Ordering::Relaxed);
+                        let d = a.delta(&x2.narrow(0, start, len)?.unsqueeze(0)?)?;
+                        out_dim = Some(d.dim(candle_core::D::Minus1)?);
+                        Some(d.squeeze(0)?)
+                    }
+                    None => None,
+                },
+            ));
+            start += len;
+            i = j;
         }
         let out = out_dim.expect("a segment adapter has at least one adapter");
-        let (segs, per) = (segments.iter(), per_row);
         let parts = parts
             .into_iter()
-            .zip(segs)
-            .map(|(p, &(len, _))| match p {
+            .map(|(len, p)| match p {
                 Some(p) => Ok(p),
-                None => Tensor::zeros((if per { len } else { 1 }, out), xs.dtype(), xs.device()),
+                None => Tensor::zeros((len, out), xs.dtype(), xs.device()),
             })
             .collect::<Result<Vec<_>>>()?;
         let mut out_dims = dims;

@@ -436,7 +436,9 @@ impl Scheduler {
             install_slots(&mut self.lm.model, &self.layout, &sets);
             self.installed = Some(slots.clone());
         }
-        let members: Vec<usize> = (0..self.running.len()).filter(|&i| take[i] > 0).collect();
+        // Grouped by slot: each slot's adapters run once over its rows.
+        let mut members: Vec<usize> = (0..self.running.len()).filter(|&i| take[i] > 0).collect();
+        members.sort_by_key(|&i| self.running[i].slot);
         let inputs: Vec<Vec<u32>> = members
             .iter()
             .map(|&i| {

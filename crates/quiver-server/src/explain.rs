@@ -44,7 +44,7 @@ struct LayerChoice {
 /// Routing decisions of the current forward pass, per sequence of the
 /// batch that asked; and every decision's experts, counted for `/metrics`.
 /// In a batch each sequence's adapter runs on its own rows, so a decision
-/// belongs to the sequence the batch's [`RowLayout::current`] names.
+/// belongs to the sequences the batch's [`RowLayout::current`] names.
 #[derive(Debug)]
 pub struct Recorder {
     /// For each sequence of the pass: `Some` (its layers' choices so far)
@@ -127,22 +127,39 @@ impl RouteObserver for Recorder {
         if d.b_sz == 0 || d.seq_len == 0 {
             return;
         }
-        let mut st = self.state.lock().expect("recorder");
-        let Some(Some(layers)) = st.get_mut(self.layout.current()) else {
-            return;
+        // The call's rows are the current sequences' new tokens, one
+        // sequence after the other; each one's last row is the token this
+        // pass predicts for it.
+        let rows = d.b_sz * d.seq_len;
+        let run = self.layout.current();
+        let segments = self.layout.segments();
+        let lens: Vec<usize> = match segments.get(run.clone()) {
+            Some(s) if s.iter().map(|x| x.0).sum::<usize>() == rows => {
+                s.iter().map(|x| x.0).collect()
+            }
+            // One row per sequence, or no batch layout (one sequence).
+            Some(s) if s.len() == rows => vec![1; rows],
+            _ => vec![rows],
         };
-        // The last row: the token this pass predicts for the sequence.
-        let t = d.b_sz * d.seq_len - 1;
+        let mut st = self.state.lock().expect("recorder");
         let sel = d.selection;
-        let experts = (0..sel.k)
-            .map(|j| {
-                let e = sel.experts[t * sel.k + j] as usize;
-                (d.names[e].clone(), sel.weights[t * sel.k + j])
-            })
-            .collect();
-        layers.push(LayerChoice {
-            layer: d.layer.to_string(),
-            experts,
-        });
+        let mut end = 0;
+        for (i, len) in run.zip(lens) {
+            end += len;
+            let Some(Some(layers)) = st.get_mut(i) else {
+                continue;
+            };
+            let t = end - 1;
+            let experts = (0..sel.k)
+                .map(|j| {
+                    let e = sel.experts[t * sel.k + j] as usize;
+                    (d.names[e].clone(), sel.weights[t * sel.k + j])
+                })
+                .collect();
+            layers.push(LayerChoice {
+                layer: d.layer.to_string(),
+                experts,
+            });
+        }
     }
 }
