@@ -110,21 +110,12 @@ fn openai_client_talks_to_quiver_serve() {
     let lib = library(tmp.path());
     let fixture_model = fixture("tiny_llama").display().to_string();
     let (_server, addr, _log) = start_server(&["--model", &fixture_model, "--library", &lib]);
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/interop/check_openai_client.py");
-    let out = Command::new(&py)
-        .arg(script)
-        .arg(format!("{addr}/v1"))
-        .arg("ad1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let v = script(
+        &py,
+        "check_openai_client.py",
+        &[&format!("{addr}/v1"), "ad1"],
+        &[],
     );
-    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     let models: Vec<&str> = v["models"]
         .as_array()
         .unwrap()
@@ -406,17 +397,29 @@ fn long_context_model(tmp: &Path) -> String {
     dir.display().to_string()
 }
 
-fn limits_script(py: &str, args: &[&str]) -> serde_json::Value {
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/interop/check_serve_limits.py");
-    let out = Command::new(py).arg(script).args(args).output().unwrap();
+/// Runs `scripts/interop/NAME` with `args` (and `env`); its stdout is one
+/// JSON object.
+fn script(py: &str, name: &str, args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../scripts/interop")
+        .join(name);
+    let out = Command::new(py)
+        .arg(path)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "{stdout}{}",
+        "{name}: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_str(stdout.trim()).unwrap()
+}
+
+fn limits_script(py: &str, args: &[&str]) -> serde_json::Value {
+    script(py, "check_serve_limits.py", args, &[])
 }
 
 /// `--api-key`, the body limit, OpenAI's errors for bad requests, the
@@ -622,20 +625,12 @@ fn serve_under_load_and_curl() {
         "64",
     ]);
     let url = format!("{addr}/v1");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/interop/load_serve.py");
-    let out = Command::new(&py)
-        .arg(script)
-        .args([&url, "16", "320", "240", "base", "ad0", "ad1", "arrow"])
-        .env("QUIVER_API_KEY", "k")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let v = script(
+        &py,
+        "load_serve.py",
+        &[&url, "16", "320", "240", "base", "ad0", "ad1", "arrow"],
+        &[("QUIVER_API_KEY", "k")],
     );
-    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     println!(
         "load: {}",
         serde_json::json!({"statuses": v["statuses"], "wall_s": v["wall_s"]})

@@ -64,11 +64,18 @@ impl RowLayout {
 pub struct SegmentAdapter {
     layout: Arc<RowLayout>,
     slots: Vec<Option<Arc<dyn LinearAdapter>>>,
+    /// The layer's output size: a pass whose sequences all use slots
+    /// without an adapter here adds zeros.
+    out: usize,
 }
 
 impl SegmentAdapter {
-    pub fn new(layout: Arc<RowLayout>, slots: Vec<Option<Arc<dyn LinearAdapter>>>) -> Self {
-        Self { layout, slots }
+    pub fn new(
+        layout: Arc<RowLayout>,
+        slots: Vec<Option<Arc<dyn LinearAdapter>>>,
+        out: usize,
+    ) -> Self {
+        Self { layout, slots, out }
     }
 }
 
@@ -96,7 +103,6 @@ impl LinearAdapter for SegmentAdapter {
         // sequence.
         let mut parts = Vec::with_capacity(segments.len());
         let (mut start, mut i) = (0, 0);
-        let mut out_dim = None;
         while i < segments.len() {
             let slot = segments[i].1;
             let mut j = i;
@@ -118,7 +124,6 @@ impl LinearAdapter for SegmentAdapter {
                         self.layout.current.store(i, Ordering::Relaxed);
                         self.layout.current_end.store(j, Ordering::Relaxed);
                         let d = a.delta(&x2.narrow(0, start, len)?.unsqueeze(0)?)?;
-                        out_dim = Some(d.dim(candle_core::D::Minus1)?);
                         Some(d.squeeze(0)?)
                     }
                     None => None,
@@ -127,7 +132,7 @@ impl LinearAdapter for SegmentAdapter {
             start += len;
             i = j;
         }
-        let out = out_dim.expect("a segment adapter has at least one adapter");
+        let out = self.out;
         let parts = parts
             .into_iter()
             .map(|(len, p)| match p {
@@ -174,7 +179,8 @@ fn set_layer(
     let adapter: Option<Arc<dyn LinearAdapter>> = if per_slot.iter().all(|a| a.is_none()) {
         None
     } else {
-        Some(Arc::new(SegmentAdapter::new(layout.clone(), per_slot)))
+        let out = layer.out_features();
+        Some(Arc::new(SegmentAdapter::new(layout.clone(), per_slot, out)))
     };
     layer.set_adapter(adapter);
 }
@@ -296,7 +302,7 @@ mod tests {
             1.0,
         )
         .unwrap();
-        let a = SegmentAdapter::new(layout.clone(), vec![Some(Arc::new(lora)), None]);
+        let a = SegmentAdapter::new(layout.clone(), vec![Some(Arc::new(lora)), None], 3);
         layout.set(vec![(2, 0), (3, 1)]);
         let xs = Tensor::ones((1, 4, 4), candle_core::DType::F32, &dev).unwrap();
         assert!(a.delta(&xs).is_err());
@@ -310,5 +316,12 @@ mod tests {
         // One row per sequence (the output layer).
         let xs = Tensor::ones((1, 2, 4), candle_core::DType::F32, &dev).unwrap();
         assert_eq!(a.delta(&xs).unwrap().dims(), &[1, 2, 3]);
+        // A pass with only sequences of the slot without an adapter (the
+        // other slot's sequences wait): zeros, not an error.
+        layout.set(vec![(2, 1)]);
+        let xs = Tensor::ones((1, 2, 4), candle_core::DType::F32, &dev).unwrap();
+        let d = a.delta(&xs).unwrap();
+        assert_eq!(d.dims(), &[1, 2, 3]);
+        assert_eq!(d.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
     }
 }

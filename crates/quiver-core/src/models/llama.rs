@@ -389,10 +389,7 @@ impl Block {
         sin: &Tensor,
         cache: Option<&mut Option<LayerKv>>,
     ) -> Result<Tensor> {
-        let h = ops::rms_norm(xs, &self.input_layernorm, self.eps)?;
-        let xs = (xs + self.self_attn.forward(&h, cos, sin, cache)?)?;
-        let h = ops::rms_norm(&xs, &self.post_attention_layernorm, self.eps)?;
-        Ok((&xs + self.mlp.forward(&h)?)?)
+        self.around(xs, |h| self.self_attn.forward(h, cos, sin, cache))
     }
 
     /// [`Block::forward`] over packed sequences ([`Attention::forward_packed`]).
@@ -404,8 +401,20 @@ impl Block {
         sin: &Tensor,
         slots: &mut [&mut Option<LayerKv>],
     ) -> Result<Tensor> {
+        self.around(xs, |h| {
+            self.self_attn.forward_packed(h, spans, cos, sin, slots)
+        })
+    }
+
+    /// The block around its attention: norm, attention, residual, norm,
+    /// MLP, residual.
+    fn around(
+        &self,
+        xs: &Tensor,
+        attention: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let h = ops::rms_norm(xs, &self.input_layernorm, self.eps)?;
-        let xs = (xs + self.self_attn.forward_packed(&h, spans, cos, sin, slots)?)?;
+        let xs = (xs + attention(&h)?)?;
         let h = ops::rms_norm(&xs, &self.post_attention_layernorm, self.eps)?;
         Ok((&xs + self.mlp.forward(&h)?)?)
     }
