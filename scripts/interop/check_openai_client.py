@@ -106,6 +106,39 @@ try:
     out["logit_bias"]["bad"] = "no error"
 except openai.BadRequestError as e:
     out["logit_bias"]["bad"] = {"status": e.status_code, "param": e.param}
+# Newer and unsupported fields.
+compat = {"retrieve": client.models.retrieve(expert).id}
+try:
+    client.models.retrieve("no-such-model")
+    compat["retrieve_missing"] = "no error"
+except openai.NotFoundError as e:
+    compat["retrieve_missing"] = e.status_code
+parts = [{"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi"}]}]
+compat["parts"] = client.chat.completions.create(model="base", messages=parts, max_tokens=6,
+                                                 temperature=0).choices[0].message.content
+compat["plain"] = chat.choices[0].message.content
+r = client.chat.completions.create(model="base", messages=msgs, max_completion_tokens=3,
+                                   temperature=0, extra_body={"ignore_eos": True})
+compat["max_completion_tokens"] = r.usage.completion_tokens
+pen = lambda **kw: client.completions.create(model="base", prompt=prompt, max_tokens=8,
+                                             temperature=0, **kw).choices[0].text
+compat["penalty"] = {"none": pen(), "zero": pen(presence_penalty=0.0, frequency_penalty=0.0),
+                     "strong": pen(presence_penalty=2.0, frequency_penalty=2.0),
+                     "strong_again": pen(presence_penalty=2.0, frequency_penalty=2.0)}
+for field, kw in [("echo", {"echo": True}), ("best_of", {"best_of": 3}),
+                  ("presence_penalty", {"presence_penalty": 5.0})]:
+    try:
+        client.completions.create(model="base", prompt=prompt, max_tokens=2, **kw)
+        compat[field] = "no error"
+    except openai.BadRequestError as e:
+        compat[field] = {"status": e.status_code, "param": e.param}
+try:
+    client.chat.completions.create(model="base", messages=msgs, max_tokens=2, tools=[
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+    compat["tools"] = "no error"
+except openai.BadRequestError as e:
+    compat["tools"] = {"status": e.status_code, "param": e.param}
+out["compat"] = compat
 # n choices and several prompts: sampled with a seed, so repeatable, and
 # streamed choices carry their index.
 kw = dict(model="base", max_tokens=6, temperature=1.0, seed=7)

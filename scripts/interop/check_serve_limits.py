@@ -5,13 +5,16 @@ Usage:
   python check_serve_limits.py BASE_URL API_KEY limits EXPERT
   python check_serve_limits.py BASE_URL API_KEY reload NEW CORRUPT
   python check_serve_limits.py BASE_URL API_KEY stream MAX_TOKENS
+  python check_serve_limits.py BASE_URL API_KEY kv
 
 The server runs with `--api-key API_KEY --max-batch 1 --max-queue 1
 --max-body-bytes 4096` on a model with a long context. `limits` checks
 authentication, bodies, the queue and disconnects; `reload` asks for an
 expert imported while the server runs and for one whose files were
 damaged; `stream` prints a line after the first chunk (the test then sends
-SIGTERM) and the stream's end. Each mode prints one JSON object; the Rust
+SIGTERM) and the stream's end; `kv` (a server with `--kv-cache-mb 1`) asks
+for more KV cache than the budget, then sends four requests of which only
+two fit at once. Each mode prints one JSON object; the Rust
 test (crates/quiver-cli/tests/serve_cli.rs) checks it.
 """
 import concurrent.futures as cf
@@ -24,7 +27,7 @@ import openai
 
 base_url, key, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 root = base_url.removesuffix("/v1")
-auth = {"Authorization": f"Bearer {key}"}
+auth = {"Authorization": f"Bearer {key}"} if key else {}
 out = {}
 
 
@@ -71,6 +74,22 @@ if mode == "stream":
             text += c["text"]
             finish = c["finish_reason"] or finish
     out.update({"chunks": n, "finish_reason": finish})
+    print(json.dumps(out))
+    sys.exit(0)
+
+if mode == "kv":
+    def ask(max_tokens):
+        return status(httpx.post(
+            f"{base_url}/completions", headers=auth, timeout=300,
+            json={"model": "base", "prompt": "The plural of cat is", "max_tokens": max_tokens,
+                  "temperature": 0, "ignore_eos": True}))
+    out["too_big"] = ask(8000)
+    with cf.ThreadPoolExecutor(4) as ex:
+        runs = list(ex.map(ask, [1500] * 4))
+    out["fits"] = [{"status": r["status"],
+                    "tokens": r["body"]["usage"]["completion_tokens"] if r["status"] == 200 else None}
+                   for r in runs]
+    out["metrics"] = httpx.get(f"{root}/metrics", headers=auth).text
     print(json.dumps(out))
     sys.exit(0)
 

@@ -261,6 +261,25 @@ fn openai_client_talks_to_quiver_serve() {
     );
     assert_eq!(bias["bad"]["status"], 400, "{bias}");
     assert_eq!(bias["bad"]["param"], "logit_bias");
+    // Newer and unsupported fields: what a vLLM user sends.
+    let c = &v["compat"];
+    assert_eq!(c["retrieve"], "ad1");
+    assert_eq!(c["retrieve_missing"], 404);
+    assert_eq!(c["parts"], c["plain"], "text parts = a string: {c}");
+    assert_eq!(c["max_completion_tokens"], 3);
+    let p = &c["penalty"];
+    assert_eq!(p["zero"], p["none"], "{p}");
+    assert_eq!(p["strong"], p["strong_again"], "{p}");
+    assert_ne!(p["strong"], p["none"], "penalties change greedy text: {p}");
+    for (field, param) in [
+        ("echo", "echo"),
+        ("best_of", "best_of"),
+        ("presence_penalty", "presence_penalty"),
+        ("tools", "tools"),
+    ] {
+        assert_eq!(c[field]["status"], 400, "{field}: {c}");
+        assert_eq!(c[field]["param"], param, "{field}");
+    }
     // n and several prompts.
     let n = &v["n"];
     assert_eq!(n["a"], n["b"], "seeded sampling repeats: {n}");
@@ -702,5 +721,53 @@ fn serve_under_load_and_curl() {
             .chars()
             .take(text.chars().count())
             .collect::<String>()
+    );
+}
+
+/// The KV-cache budget: a request that can never fit is refused with one
+/// sentence; requests that fit wait for room (two of four at a time here).
+#[test]
+fn serve_kv_budget() {
+    let Some(py) = python() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let model = long_context_model(tmp.path());
+    // The tiny model keeps 256 bytes per position (2 layers, 2 KV heads of
+    // 8, keys and values, f32): 1 MiB is 4096 positions, and a request of
+    // 1500 new tokens reserves 2048.
+    let (_server, addr, _log) = start_server(&["--model", &model, "--kv-cache-mb", "1"]);
+    let v = limits_script(&py, &[&format!("{addr}/v1"), "", "kv"]);
+    let big = &v["too_big"];
+    assert_eq!(big["status"], 400, "{big}");
+    let msg = big["body"]["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("KV cache") && msg.contains("--kv-cache-mb"),
+        "{msg}"
+    );
+    for r in v["fits"].as_array().unwrap() {
+        assert_eq!(r["status"], 200, "{r}");
+        assert_eq!(r["tokens"], 1500);
+    }
+    let m = v["metrics"].as_str().unwrap();
+    let value = |line: &str| -> f64 {
+        m.lines()
+            .find(|l| l.starts_with(line))
+            .unwrap_or_else(|| panic!("{line} in {m}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let passes = value("quiver_batch_size_count");
+    assert_eq!(
+        value("quiver_batch_size_bucket{le=\"2\"}"),
+        passes,
+        "never more than two sequences at once"
+    );
+    assert!(
+        value("quiver_batch_size_bucket{le=\"1\"}") < passes,
+        "two at once"
     );
 }

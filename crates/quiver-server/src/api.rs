@@ -52,6 +52,29 @@ pub struct Common {
     /// before sampling; -100 bans the token, 100 all but forces it.
     #[serde(default)]
     pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    /// OpenAI's penalties in [-2, 2]: subtracted from a token's logit once
+    /// it has been generated (presence) and per time (frequency).
+    #[serde(default)]
+    pub presence_penalty: Option<f64>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f64>,
+    /// Chat's newer name for `max_tokens`.
+    #[serde(default)]
+    pub max_completion_tokens: Option<usize>,
+    /// Fields this server does not implement: refused when set, never
+    /// silently ignored.
+    #[serde(default)]
+    pub echo: Option<bool>,
+    #[serde(default)]
+    pub best_of: Option<usize>,
+    #[serde(default)]
+    pub suffix: Option<String>,
+    #[serde(default)]
+    pub tools: Option<serde_json::Value>,
+    #[serde(default)]
+    pub functions: Option<serde_json::Value>,
+    #[serde(default)]
+    pub response_format: Option<serde_json::Value>,
     /// Keep generating past the end-of-sequence token, up to `max_tokens`
     /// (as vLLM's `ignore_eos`: benchmarks, load tests).
     #[serde(default)]
@@ -89,7 +112,32 @@ pub struct CompletionRequest {
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatMessageIn {
     pub role: String,
-    pub content: String,
+    /// A string, or a list of parts of which text parts are used.
+    pub content: serde_json::Value,
+}
+
+impl ChatMessageIn {
+    /// The message's text: the string, or its text parts joined.
+    pub fn text(&self) -> Result<String, String> {
+        match &self.content {
+            serde_json::Value::String(s) => Ok(s.clone()),
+            serde_json::Value::Null => Ok(String::new()),
+            serde_json::Value::Array(parts) => parts
+                .iter()
+                .map(|p| match (p["type"].as_str(), p["text"].as_str()) {
+                    (Some("text"), Some(t)) => Ok(t.to_string()),
+                    (kind, _) => Err(format!(
+                        "message content parts of type {} are not supported (text only)",
+                        kind.unwrap_or("?")
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(|v| v.concat()),
+            v => Err(format!(
+                "message content must be a string or a list of parts, got {v}"
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

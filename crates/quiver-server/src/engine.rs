@@ -57,6 +57,9 @@ pub struct Job {
     pub ignore_eos: bool,
     /// `logit_bias`: added to these tokens' logits before sampling.
     pub logit_bias: Vec<(u32, f32)>,
+    /// Subtracted from a generated token's logit: once, and per time.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
     pub events: UnboundedSender<Event>,
     /// When the job was submitted (latency and time-to-first-token metrics).
     pub submitted: Instant,
@@ -555,14 +558,24 @@ fn emit(
     metrics: &Metrics,
     max_context: usize,
 ) -> quiver_core::Result<()> {
-    let next = if s.job.logit_bias.is_empty() {
+    let penalised = s.job.presence_penalty != 0.0 || s.job.frequency_penalty != 0.0;
+    let next = if s.job.logit_bias.is_empty() && !penalised {
         s.sampler.sample_slice(logits)
     } else {
-        let mut biased = logits.to_vec();
+        let mut adjusted = logits.to_vec();
         for &(t, b) in &s.job.logit_bias {
-            biased[t as usize] += b;
+            adjusted[t as usize] += b;
         }
-        s.sampler.sample_slice(&biased)
+        if penalised {
+            let mut counts: std::collections::HashMap<u32, u32> = Default::default();
+            for &t in &s.out {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (t, n) in counts {
+                adjusted[t as usize] -= s.job.presence_penalty + s.job.frequency_penalty * n as f32;
+            }
+        }
+        s.sampler.sample_slice(&adjusted)
     };
     let finish = |s: &mut Seq, reason: StopReason| -> quiver_core::Result<()> {
         if let Some(rest) = s.text.finish(tok)? {

@@ -78,11 +78,13 @@ pub async fn chat_completions(
     let msgs: Vec<ChatMessage> = req
         .messages
         .iter()
-        .map(|m| ChatMessage {
-            role: m.role.clone(),
-            content: m.content.clone(),
+        .map(|m| {
+            Ok(ChatMessage {
+                role: m.role.clone(),
+                content: m.text().map_err(|e| ApiError::bad(e, Some("messages")))?,
+            })
         })
-        .collect();
+        .collect::<Result<_, ApiError>>()?;
     let text = st
         .tokenizer
         .apply_chat_template(&msgs, true)
@@ -97,9 +99,30 @@ pub async fn chat_completions(
 async fn plan(
     st: &Arc<AppState>,
     kind: Kind,
-    c: api::Common,
+    mut c: api::Common,
     prompts: Vec<Vec<u32>>,
 ) -> Result<Plan, ApiError> {
+    unsupported(&c)?;
+    if let Some(m) = c.max_completion_tokens {
+        if c.max_tokens.is_some_and(|t| t != m) {
+            return Err(ApiError::bad(
+                "max_tokens and max_completion_tokens disagree; send one",
+                Some("max_completion_tokens"),
+            ));
+        }
+        c.max_tokens = Some(m);
+    }
+    for (v, param) in [
+        (c.presence_penalty, "presence_penalty"),
+        (c.frequency_penalty, "frequency_penalty"),
+    ] {
+        if v.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
+            return Err(ApiError::bad(
+                format!("{param} must be between -2 and 2"),
+                Some(param),
+            ));
+        }
+    }
     let n = c.n.unwrap_or(1);
     if n == 0 {
         return Err(ApiError::bad("n must be at least 1", Some("n")));
@@ -139,6 +162,42 @@ async fn plan(
         prompts,
         common: c,
     })
+}
+
+/// Refuses the OpenAI fields this server does not implement, rather than
+/// answering as if they had been applied.
+fn unsupported(c: &api::Common) -> Result<(), ApiError> {
+    let refuse = |param: &'static str, what: &str| {
+        Err(ApiError::bad(
+            format!("{param} is not supported by this server ({what})"),
+            Some(param),
+        ))
+    };
+    if c.echo == Some(true) {
+        return refuse("echo", "the response has the completion only");
+    }
+    if c.best_of.is_some_and(|b| b > 1) {
+        return refuse("best_of", "use n and pick on the client");
+    }
+    if c.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+        return refuse("suffix", "no insertion mode");
+    }
+    if c.tools.as_ref().is_some_and(|t| !t.is_null()) {
+        return refuse("tools", "no tool calling");
+    }
+    if c.functions.as_ref().is_some_and(|t| !t.is_null()) {
+        return refuse("functions", "no function calling");
+    }
+    if c.response_format
+        .as_ref()
+        .is_some_and(|f| !f.is_null() && f["type"] != "text")
+    {
+        return refuse(
+            "response_format",
+            "no constrained decoding; only {\"type\": \"text\"}",
+        );
+    }
+    Ok(())
 }
 
 /// `logprobs` as the number of most likely tokens to list, or `None`.
@@ -264,6 +323,8 @@ fn submit(st: &AppState, plan: &Plan) -> Result<Vec<UnboundedReceiver<Event>>, A
                 logprobs: plan.logprobs,
                 ignore_eos: plan.common.ignore_eos,
                 logit_bias: plan.logit_bias.clone(),
+                presence_penalty: plan.common.presence_penalty.unwrap_or(0.0) as f32,
+                frequency_penalty: plan.common.frequency_penalty.unwrap_or(0.0) as f32,
                 events: tx,
                 submitted: std::time::Instant::now(),
             };

@@ -127,6 +127,24 @@ fn model_list(st: &AppState) -> Json<ModelList> {
     })
 }
 
+/// `GET /v1/models/{id}`: one model's card, or 404.
+async fn model_card(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<ModelCard>, ApiError> {
+    let s = st.clone();
+    let _ = tokio::task::spawn_blocking(move || s.catalog.reload()).await;
+    if !st.catalog.model_ids().contains(&id) {
+        return Err(ApiError::no_model(&id));
+    }
+    Ok(Json(ModelCard {
+        id,
+        object: "model",
+        created: api::now_secs(),
+        owned_by: "quiver",
+    }))
+}
+
 /// `POST /v1/reload`: the libraries' listings read again; answers the new
 /// model list, or 500 naming the libraries that could not be read.
 async fn reload(State(st): State<Arc<AppState>>) -> Result<Json<ModelList>, ApiError> {
@@ -208,6 +226,7 @@ fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/models", get(models))
+        .route("/v1/models/{*id}", get(model_card))
         .route("/v1/reload", post(reload))
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
