@@ -124,6 +124,9 @@ pub struct LoraLinear {
     /// ([`LinearAdapter::fused_rows`]); `weight` is then a view of its first
     /// `out` rows, so the base weight is not held twice.
     fused: Option<Tensor>,
+    /// Inputs of at most this many rows use `quantized`
+    /// ([`QUANTIZED_MAX_ROWS`] unless [`LoraLinear::set_quantized_max_rows`]).
+    quantized_max_rows: usize,
 }
 
 /// A quantized copy of a layer's weight.
@@ -184,7 +187,17 @@ impl LoraLinear {
             adapter: None,
             quantized: None,
             fused: None,
+            quantized_max_rows: QUANTIZED_MAX_ROWS,
         }
+    }
+
+    /// Lets inputs of up to `rows` rows use the quantized weight: a server
+    /// prefilling prompt chunks of that size (Quiver's 4- and 8-bit
+    /// kernels multiply by 8-bit activations, several times faster than
+    /// the f32 GEMM on such chunks here, as llama.cpp does for prompts);
+    /// numbers then differ from f32 slightly for longer inputs too.
+    pub fn set_quantized_max_rows(&mut self, rows: usize) {
+        self.quantized_max_rows = rows;
     }
 
     /// Keeps a copy of the weight quantized to `dtype` (e.g. Q8_0: 8 bits
@@ -293,7 +306,7 @@ impl LoraLinear {
     /// on more rows than the quantized weight serves.
     fn fused_for(&self, xs: &Tensor) -> Option<&Tensor> {
         let rows = xs.elem_count() / self.in_features().max(1);
-        let quantized = self.quantized.is_some() && rows <= QUANTIZED_MAX_ROWS;
+        let quantized = self.quantized.is_some() && rows <= self.quantized_max_rows;
         self.fused
             .as_ref()
             .filter(|_| !quantized && !xs.track_op() && xs.dtype() == candle_core::DType::F32)
@@ -309,7 +322,9 @@ impl LoraLinear {
     pub fn forward_base(&self, xs: &Tensor) -> Result<Tensor> {
         let rows = xs.elem_count() / self.in_features().max(1);
         let quantized = self.quantized.as_ref().filter(|_| {
-            rows <= QUANTIZED_MAX_ROWS && !xs.track_op() && xs.dtype() == candle_core::DType::F32
+            rows <= self.quantized_max_rows
+                && !xs.track_op()
+                && xs.dtype() == candle_core::DType::F32
         });
         let ys = if let Some(q) = quantized {
             q.forward(xs)?
@@ -445,6 +460,12 @@ mod tests {
         let e4 = rel(&q4.forward(&x1)?, &exact.forward(&x1)?)?;
         assert!(e4 > e && e4 < 0.2, "Q4_1 relative error {e4} (Q8_0: {e})");
         assert_eq!(rel(&q4.forward(&xb)?, &exact.forward(&xb)?)?, 0.0);
+        // With a larger bound (a server's prompt chunks), the batch uses the
+        // quantized weight too.
+        let mut wide = lin.clone();
+        wide.set_quantized_max_rows(64);
+        let e = rel(&wide.forward(&xb)?, &exact.forward(&xb)?)?;
+        assert!(e > 0.0 && e < 0.02, "relative error {e}");
         // An input size that is not a multiple of the block stays f32.
         let mut odd = LoraLinear::new("y", Tensor::randn(0f32, 1.0, (8, 40), &dev)?, None);
         assert!(!odd.quantize(candle_core::quantized::GgmlDType::Q8_0)?);

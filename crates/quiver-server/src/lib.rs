@@ -283,8 +283,16 @@ pub fn serve(cfg: ServeConfig, on_listen: impl FnOnce(SocketAddr)) -> Result<(),
     let config = cfg.model.model.config();
     let (max_context, vocab_size) = (config.max_position_embeddings, config.vocab_size);
     let tokenizer = cfg.model.tokenizer.clone();
+    let mut model = cfg.model;
+    // With --quantize, prompt chunks use the quantized weights as decoding
+    // does: several times faster than f32 here (bench/README).
+    model.model.set_quantized_max_rows(
+        cfg.engine
+            .max_batch_tokens
+            .max(quiver_core::lora::QUANTIZED_MAX_ROWS),
+    );
     let engine = engine::start(
-        cfg.model,
+        model,
         cfg.libraries.into_iter().map(|l| l.library).collect(),
         metrics.clone(),
         cfg.engine,

@@ -24,6 +24,8 @@ Concurrent requests share forward passes (continuous batching): each step feeds 
 sequence one token and prompt chunks from what is left of --max-batch-tokens, and each sequence \
 keeps its own route. A request waits for room in the batch and in the KV-cache budget; past \
 --max-queue waiting requests the server answers 429 with Retry-After.\n\n\
+With --quantize, prompt chunks (up to --max-batch-tokens rows) use the quantized weights \
+too, not only decoding.\n\n\
 SIGTERM or Ctrl-C: no new requests; running ones get --grace-period seconds to finish."
 )]
 pub struct ServeArgs {

@@ -655,6 +655,13 @@ impl Llama {
         Ok(n)
     }
 
+    /// [`LoraLinear::set_quantized_max_rows`] on every layer.
+    pub fn set_quantized_max_rows(&mut self, rows: usize) {
+        for l in self.linears_mut() {
+            l.set_quantized_max_rows(rows);
+        }
+    }
+
     pub fn linears_mut(&mut self) -> Vec<&mut LoraLinear> {
         let mut out = Vec::with_capacity(self.layers.len() * 7 + 1);
         for b in &mut self.layers {
