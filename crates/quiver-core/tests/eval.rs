@@ -205,7 +205,23 @@ fn task_results_count_hits_and_report_both_accuracies() {
     for r in &records {
         let c = r.choices.as_ref().unwrap();
         assert_eq!(r.correct, Some(c.pred_norm) == r.answer);
+        // lm-evaluation-harness's acc_norm: per character of the scored
+        // continuation (" red" has 4, " a green apple" 14).
+        assert_eq!(c.chars, vec![4, 14, 5]);
+        let per_char: Vec<f64> = (0..3).map(|i| c.logprobs[i] / c.chars[i] as f64).collect();
+        let best = (0..3).fold(0, |b, i| if per_char[i] > per_char[b] { i } else { b });
+        assert_eq!(c.pred_norm_chars, best);
     }
+    let by_char = records
+        .iter()
+        .filter(|r| Some(r.choices.as_ref().unwrap().pred_norm_chars) == r.answer)
+        .count();
+    assert!((res.acc_norm_chars.unwrap() - by_char as f64 / 6.0).abs() < 1e-12);
+    // The options' token and character lengths disagree in ratio, so the
+    // two normalisations are different rules here, not one rule twice.
+    let c = records[0].choices.as_ref().unwrap();
+    let ratio = |i: usize| c.tokens[i] as f64 / c.chars[i] as f64;
+    assert!((ratio(0) - ratio(1)).abs() > 1e-3 || (ratio(1) - ratio(2)).abs() > 1e-3);
     // Forced generation: exact match against the target.
     let opts = EvalOptions {
         mode: Some(EvalMode::Generate),

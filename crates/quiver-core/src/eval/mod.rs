@@ -271,20 +271,31 @@ pub fn subsample(
 /// The (context ids, continuation ids) of each option of a multiple-choice
 /// example.
 pub fn option_pairs(tok: &Tokenizer, ex: &Example) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+    option_texts(ex)?
+        .iter()
+        .map(|(c, x)| encode_pair(tok, c, x))
+        .collect()
+}
+
+/// Each option's (context, scored continuation) as text; see
+/// [`option_pairs`].
+fn option_texts(ex: &Example) -> Result<Vec<(String, String)>> {
     let options = ex.options.as_ref().ok_or_else(|| {
         Error::invalid(format!("an example of task `{}` has no options", ex.task))
     })?;
-    options
+    Ok(options
         .iter()
         .map(|o| match &ex.scored_suffix {
             Some(suffix) if o.ends_with(suffix.as_str()) && o.len() > suffix.len() => {
                 let head = &o[..o.len() - suffix.len()];
-                let context = format!("{}{}", ex.source, ex.continuation(head));
-                encode_pair(tok, &context, suffix)
+                (
+                    format!("{}{}", ex.source, ex.continuation(head)),
+                    suffix.clone(),
+                )
             }
-            _ => encode_pair(tok, &ex.source, &ex.continuation(o)),
+            _ => (ex.source.clone(), ex.continuation(o)),
         })
-        .collect()
+        .collect())
 }
 
 /// Log-likelihoods of continuations of one shared context: the context runs
@@ -364,12 +375,20 @@ pub struct ChoiceScores {
     pub pred: usize,
     /// Option with the highest mean log-probability per token.
     pub pred_norm: usize,
+    /// Characters of each option's scored continuation.
+    pub chars: Vec<usize>,
+    /// Option with the highest log-probability per character: what
+    /// lm-evaluation-harness calls `acc_norm` (Quiver's `acc_norm`, the
+    /// paper's, normalises per token).
+    pub pred_norm_chars: usize,
 }
 
 /// Scores every option of a multiple-choice example; options that share a
 /// context share its forward pass.
 pub fn score_choices(model: &Llama, tok: &Tokenizer, ex: &Example) -> Result<ChoiceScores> {
+    let texts = option_texts(ex)?;
     let pairs = option_pairs(tok, ex)?;
+    let chars: Vec<usize> = texts.iter().map(|(_, x)| x.chars().count()).collect();
     let mut groups: Vec<(Vec<u32>, Vec<usize>)> = Vec::new();
     let mut index: HashMap<Vec<u32>, usize> = HashMap::new();
     for (i, (ctx, _)) in pairs.iter().enumerate() {
@@ -393,11 +412,14 @@ pub fn score_choices(model: &Llama, tok: &Tokenizer, ex: &Example) -> Result<Cho
     };
     let pred = best(&|i| logprobs[i]);
     let pred_norm = best(&|i| logprobs[i] / tokens[i] as f64);
+    let pred_norm_chars = best(&|i| logprobs[i] / chars[i].max(1) as f64);
     Ok(ChoiceScores {
         logprobs,
         tokens,
         pred,
         pred_norm,
+        chars,
+        pred_norm_chars,
     })
 }
 
@@ -485,6 +507,11 @@ pub struct TaskResult {
     /// Unnormalised multiple-choice accuracy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acc: Option<f64>,
+    /// Multiple-choice accuracy normalised per character, as
+    /// lm-evaluation-harness's `acc_norm` (compare published lm-eval
+    /// numbers with this, not with `score`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acc_norm_chars: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rouge_l: Option<f64>,
     pub wall_time_s: f64,
@@ -575,21 +602,18 @@ pub fn evaluate_task(
     }
     let hits: Vec<f64> = records.iter().map(|r| r.correct as u8 as f64).collect();
     let (score, stderr) = metrics::mean_stderr(&hits);
+    let share = |pick: fn(&ChoiceScores) -> usize| -> f64 {
+        let hits: Vec<f64> = records
+            .iter()
+            .filter_map(|r| Some((Some(pick(r.choices.as_ref()?)) == r.answer) as u8 as f64))
+            .collect();
+        metrics::mean_stderr(&hits).0
+    };
+    let mut acc_norm_chars = None;
     let (acc, rouge_l, metric, mode_name) = match mode {
         EvalMode::MultipleChoice => {
-            let raw: Vec<f64> = records
-                .iter()
-                .map(|r| {
-                    let c = r.choices.as_ref().expect("multiple choice");
-                    (Some(c.pred) == r.answer) as u8 as f64
-                })
-                .collect();
-            (
-                Some(metrics::mean_stderr(&raw).0),
-                None,
-                "acc_norm",
-                "multiple_choice",
-            )
+            acc_norm_chars = Some(share(|c| c.pred_norm_chars));
+            (Some(share(|c| c.pred)), None, "acc_norm", "multiple_choice")
         }
         EvalMode::Generate => {
             let r: Vec<f64> = records.iter().filter_map(|r| r.rouge_l).collect();
@@ -612,6 +636,7 @@ pub fn evaluate_task(
             score,
             stderr,
             acc,
+            acc_norm_chars,
             rouge_l,
             wall_time_s: start.elapsed().as_secs_f64(),
         },
@@ -667,8 +692,8 @@ impl EvalReport {
             .unwrap_or(4)
             .max(7);
         let mut s = format!(
-            "{:<w$}  {:>11}  {:>6}  {:>13}  {:>5}\n",
-            "task", "metric", "items", "score", "acc"
+            "{:<w$}  {:>11}  {:>6}  {:>13}  {:>5}  {:>8}\n",
+            "task", "metric", "items", "score", "acc", "acc_char"
         );
         for t in &self.tasks {
             let extra = match (t.acc, t.rouge_l) {
@@ -676,14 +701,19 @@ impl EvalReport {
                 (None, Some(r)) => format!("R-L {:.1}", r * 100.0),
                 _ => String::new(),
             };
+            let chars = t
+                .acc_norm_chars
+                .map(|a| format!("{:.1}", a * 100.0))
+                .unwrap_or_default();
             s.push_str(&format!(
-                "{:<w$}  {:>11}  {:>6}  {:>6.1} ± {:>4.1}  {:>5}\n",
+                "{:<w$}  {:>11}  {:>6}  {:>6.1} ± {:>4.1}  {:>5}  {:>8}\n",
                 t.task,
                 t.metric,
                 t.items,
                 t.score * 100.0,
                 t.stderr * 100.0,
-                extra
+                extra,
+                chars
             ));
         }
         s.push_str(&format!(
