@@ -331,16 +331,7 @@ fn openai_client_talks_to_quiver_serve() {
     }
     // /metrics counts what the client did.
     let m = v["metrics"].as_str().unwrap();
-    let value = |line: &str| -> f64 {
-        m.lines()
-            .find(|l| l.starts_with(line))
-            .unwrap_or_else(|| panic!("{line} in {m}"))
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let value = |line: &str| metric(m, line);
     assert!(value("quiver_requests_total{endpoint=\"/v1/completions\",status=\"200\"}") >= 8.0);
     assert!(value("quiver_requests_total{endpoint=\"/v1/completions\",status=\"404\"}") >= 1.0);
     assert!(
@@ -358,6 +349,18 @@ fn openai_client_talks_to_quiver_serve() {
     let single = value("quiver_batch_size_bucket{le=\"1\"}");
     println!("{single} of {passes} forward passes had one sequence");
     assert!(single < passes, "no forward pass batched two sequences");
+}
+
+/// The value of the Prometheus sample that starts with `line` in `text`.
+fn metric(text: &str, line: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(line))
+        .unwrap_or_else(|| panic!("{line} in {text}"))
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 /// Starts `quiver serve` with `args`; returns the server, its address and
@@ -750,16 +753,7 @@ fn serve_kv_budget() {
         assert_eq!(r["tokens"], 1500);
     }
     let m = v["metrics"].as_str().unwrap();
-    let value = |line: &str| -> f64 {
-        m.lines()
-            .find(|l| l.starts_with(line))
-            .unwrap_or_else(|| panic!("{line} in {m}"))
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let value = |line: &str| metric(m, line);
     let passes = value("quiver_batch_size_count");
     assert_eq!(
         value("quiver_batch_size_bucket{le=\"2\"}"),
