@@ -163,6 +163,27 @@ out["disconnect"] = {
     "running": metric("quiver_running_sequences"),
     "tokens": metric("quiver_completion_tokens_total") - before,
 }
+# A client that gives up while waiting for the batch frees its place in
+# the queue at once (one sequence runs at a time here).
+with httpx.stream("POST", f"{base_url}/completions", headers=auth, timeout=60,
+                  json={"model": "base", "prompt": "The plural of cat is", "max_tokens": 4000,
+                        "temperature": 0, "stream": True, "ignore_eos": True}) as r:
+    # Read the first chunk and keep the stream open (leaving a `for`
+    # over iter_lines() would close it).
+    lines = r.iter_lines()
+    while not next(lines).startswith("data: {"):
+        pass
+    try:
+        httpx.post(f"{base_url}/completions", headers=auth, timeout=0.5,
+                   json={"model": "base", "prompt": "hi", "max_tokens": 5})
+        gave_up = False
+    except httpx.TimeoutException:
+        gave_up = True
+    t0 = time.time()
+    while metric("quiver_queue_depth") > 1 and time.time() - t0 < 10:
+        time.sleep(0.05)
+    out["waiting_gone"] = {"gave_up": gave_up, "depth": metric("quiver_queue_depth"),
+                           "after_s": time.time() - t0}
 # The server still answers.
 r = client.completions.create(model=expert, prompt="The plural of cat is", max_tokens=4,
                               temperature=0)

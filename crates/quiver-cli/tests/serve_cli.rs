@@ -521,6 +521,9 @@ fn serve_limits_faults_reload_and_shutdown() {
         d["tokens"].as_f64().unwrap() < 4000.0,
         "the sequence was freed early: {d}"
     );
+    let w = &v["waiting_gone"];
+    assert_eq!(w["gave_up"], true, "{w}");
+    assert_eq!(w["depth"], 1.0, "only the running stream is left: {w}");
     assert!(v["after"]["tokens"].as_u64().unwrap() <= 4);
 
     // An expert imported while serving is served without a restart; one

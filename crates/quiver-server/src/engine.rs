@@ -290,6 +290,16 @@ impl Scheduler {
     /// Moves waiting jobs into the batch while there is room in it and in
     /// the KV budget, in arrival order.
     fn admit(&mut self) {
+        // Clients that left while waiting free their place in the queue now.
+        let (queue, metrics) = (&self.queue, &self.metrics);
+        self.waiting.retain(|j| {
+            let gone = j.events.is_closed();
+            if gone {
+                queue.waiting.fetch_sub(1, Ordering::Relaxed);
+                metrics.job_finished(j.submitted.elapsed().as_secs_f64(), 0, 0);
+            }
+            !gone
+        });
         let per = kv_bytes_per_token(&self.lm);
         while self.running.len() < self.cfg.max_batch {
             let Some(job) = self.waiting.front() else {
@@ -313,10 +323,6 @@ impl Scheduler {
             }
             let job = self.waiting.pop_front().expect("front");
             self.queue.waiting.fetch_sub(1, Ordering::Relaxed);
-            if job.events.is_closed() {
-                self.metrics.job_finished(0.0, 0, 0);
-                continue; // the client left while waiting
-            }
             let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 self.slot_for(&job.target)
             }))
