@@ -11,7 +11,7 @@
 //! never served.
 
 use std::hash::{Hash, Hasher};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use quiver_core::library::ExpertLibrary;
 use quiver_core::routing::{MixMode, Route, RouteSpec};
@@ -35,9 +35,8 @@ struct Listing {
 /// The served names.
 pub struct Catalog {
     model_id: String,
-    /// The HTTP side's own handles on the libraries (the model thread has
-    /// its own), for listing.
-    libraries: Vec<ExpertLibrary>,
+    /// The libraries, shared with the model thread, for listing.
+    libraries: Vec<Arc<ExpertLibrary>>,
     listings: RwLock<Vec<Listing>>,
     /// Serve experts whose recorded base model differs from the model's.
     allow_base_mismatch: bool,
@@ -47,7 +46,7 @@ impl Catalog {
     /// Lists every library once.
     pub fn new(
         model_id: String,
-        libraries: Vec<(String, ExpertLibrary)>,
+        libraries: Vec<(String, Arc<ExpertLibrary>)>,
         allow_base_mismatch: bool,
     ) -> quiver_core::Result<Self> {
         let mut listings = Vec::new();

@@ -134,30 +134,23 @@ pub struct Queue {
 pub struct Engine {
     pub jobs: mpsc::Sender<Job>,
     pub queue: Arc<Queue>,
-    /// KV-cache bytes per position of one sequence.
-    pub kv_bytes_per_token: usize,
 }
 
 /// Starts the model thread.
 pub fn start(
     lm: LoadedModel,
-    libraries: Vec<ExpertLibrary>,
+    libraries: Vec<Arc<ExpertLibrary>>,
     metrics: Arc<Metrics>,
     cfg: EngineConfig,
 ) -> Engine {
     let (tx, rx) = mpsc::channel::<Job>();
     let queue = Arc::new(Queue::default());
-    let kv_bytes_per_token = kv_bytes_per_token(&lm);
     let q = queue.clone();
     std::thread::Builder::new()
         .name("quiver-model".into())
         .spawn(move || Scheduler::new(lm, libraries, metrics, cfg, q).run(rx))
         .expect("the model thread starts");
-    Engine {
-        jobs: tx,
-        queue,
-        kv_bytes_per_token,
-    }
+    Engine { jobs: tx, queue }
 }
 
 /// Bytes of keys and values one position of one sequence holds.
@@ -197,7 +190,7 @@ struct Built {
 
 struct Scheduler {
     lm: LoadedModel,
-    libraries: Vec<ExpertLibrary>,
+    libraries: Vec<Arc<ExpertLibrary>>,
     metrics: Arc<Metrics>,
     cfg: EngineConfig,
     queue: Arc<Queue>,
@@ -211,12 +204,14 @@ struct Scheduler {
     reserved: usize,
     clock: u64,
     max_context: usize,
+    /// KV-cache bytes per position of one sequence.
+    kv_per_token: usize,
 }
 
 impl Scheduler {
     fn new(
         lm: LoadedModel,
-        libraries: Vec<ExpertLibrary>,
+        libraries: Vec<Arc<ExpertLibrary>>,
         metrics: Arc<Metrics>,
         cfg: EngineConfig,
         queue: Arc<Queue>,
@@ -224,6 +219,7 @@ impl Scheduler {
         let layout = RowLayout::new();
         let recorder = Arc::new(Recorder::new(metrics.clone(), layout.clone()));
         let max_context = lm.model.config().max_position_embeddings;
+        let kv_per_token = kv_bytes_per_token(&lm);
         Self {
             lm,
             libraries,
@@ -239,6 +235,7 @@ impl Scheduler {
             reserved: 0,
             clock: 0,
             max_context,
+            kv_per_token,
         }
     }
 
@@ -300,13 +297,12 @@ impl Scheduler {
             }
             !gone
         });
-        let per = kv_bytes_per_token(&self.lm);
         while self.running.len() < self.cfg.max_batch {
             let Some(job) = self.waiting.front() else {
                 break;
             };
             let want = (job.prompt.len() + job.params.max_tokens).min(self.max_context);
-            let bytes = reserved_positions(want) * per;
+            let bytes = reserved_positions(want) * self.kv_per_token;
             if bytes > self.cfg.kv_budget_bytes {
                 let job = self.waiting.pop_front().expect("front");
                 self.queue.waiting.fetch_sub(1, Ordering::Relaxed);
@@ -379,7 +375,7 @@ impl Scheduler {
         // Building puts the route on the model: the batch's slots are
         // installed again at the next step.
         self.installed = None;
-        let lib = target.library.map(|i| &self.libraries[i]);
+        let lib = target.library.map(|i| &*self.libraries[i]);
         let observer = target
             .spec
             .route

@@ -42,6 +42,9 @@ struct Plan {
     explain: Option<ExplainMode>,
     logprobs: Option<usize>,
     logit_bias: Vec<(u32, f32)>,
+    /// One per job: prompt `i`, choice `j` is job `i * n + j` (the seed
+    /// differs).
+    params: Vec<SamplingParams>,
     common: api::Common,
 }
 
@@ -130,16 +133,17 @@ async fn plan(
     let logprobs = logprobs(kind, &c)?;
     let target = match st.catalog.resolve(&c) {
         Err(e) if e.code == Some("model_not_found") => {
-            let s = st.clone();
-            tokio::task::spawn_blocking(move || s.catalog.reload())
-                .await
-                .map_err(|e| ApiError::internal(e.to_string()))?;
+            crate::relist(st).await?;
             st.catalog.resolve(&c)?
         }
         r => r?,
     };
+    // Checked before anything is queued.
+    let params = (0..prompts.len() * n)
+        .map(|i| params(&c, i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let max_tokens = params[0].max_tokens;
     for p in &prompts {
-        let max_tokens = c.max_tokens.unwrap_or(16);
         if p.len() + max_tokens > st.max_context && c.max_tokens.is_some() {
             return Err(ApiError::bad(
                 format!(
@@ -159,6 +163,7 @@ async fn plan(
         explain: explain::mode(&c)?,
         logprobs,
         logit_bias: logit_bias(&c, st.vocab_size)?,
+        params,
         prompts,
         common: c,
     })
@@ -316,7 +321,7 @@ fn submit(st: &AppState, plan: &Plan) -> Result<Vec<UnboundedReceiver<Event>>, A
             st.metrics.job_queued();
             let job = Job {
                 prompt: prompt.clone(),
-                params: params(&plan.common, i * plan.n + j)?,
+                params: plan.params[i * plan.n + j].clone(),
                 stop: plan.stop.clone(),
                 target: plan.target.clone(),
                 explain: plan.explain,
@@ -338,10 +343,6 @@ fn submit(st: &AppState, plan: &Plan) -> Result<Vec<UnboundedReceiver<Event>>, A
 }
 
 async fn run(st: &AppState, plan: Plan) -> Result<Response, ApiError> {
-    // Checked before anything is queued.
-    for i in 0..plan.prompts.len() * plan.n {
-        params(&plan.common, i)?;
-    }
     let receivers = submit(st, &plan)?;
     let id = format!(
         "{}-{:x}{:x}",

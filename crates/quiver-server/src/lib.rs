@@ -102,10 +102,18 @@ struct AppState {
     metrics: Arc<metrics::Metrics>,
 }
 
-async fn models(State(st): State<Arc<AppState>>) -> Json<ModelList> {
+/// Reads the libraries' listings again, off the async workers; answers
+/// the libraries that could not be read (they keep their last listing).
+async fn relist(st: &Arc<AppState>) -> Result<Vec<String>, ApiError> {
     let s = st.clone();
+    tokio::task::spawn_blocking(move || s.catalog.reload())
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))
+}
+
+async fn models(State(st): State<Arc<AppState>>) -> Json<ModelList> {
     // A library that cannot be listed keeps its last listing.
-    let _ = tokio::task::spawn_blocking(move || s.catalog.reload()).await;
+    let _ = relist(&st).await;
     model_list(&st)
 }
 
@@ -132,8 +140,7 @@ async fn model_card(
     State(st): State<Arc<AppState>>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Json<ModelCard>, ApiError> {
-    let s = st.clone();
-    let _ = tokio::task::spawn_blocking(move || s.catalog.reload()).await;
+    let _ = relist(&st).await;
     if !st.catalog.model_ids().contains(&id) {
         return Err(ApiError::no_model(&id));
     }
@@ -148,10 +155,7 @@ async fn model_card(
 /// `POST /v1/reload`: the libraries' listings read again; answers the new
 /// model list, or 500 naming the libraries that could not be read.
 async fn reload(State(st): State<Arc<AppState>>) -> Result<Json<ModelList>, ApiError> {
-    let s = st.clone();
-    let problems = tokio::task::spawn_blocking(move || s.catalog.reload())
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let problems = relist(&st).await?;
     if !problems.is_empty() {
         return Err(ApiError::internal(problems.join("; ")));
     }
@@ -273,12 +277,16 @@ async fn stop_signal() {
 /// After the signal no new connection is accepted; requests already
 /// running get `cfg.grace` to finish.
 pub fn serve(cfg: ServeConfig, on_listen: impl FnOnce(SocketAddr)) -> Result<(), ServeError> {
-    let mut mine = Vec::new();
-    for l in &cfg.libraries {
-        let own = ExpertLibrary::open(l.library.uri()).map_err(quiver_core::Error::from)?;
-        mine.push((l.name.clone(), own));
-    }
-    let catalog = Catalog::new(cfg.model_id.clone(), mine, cfg.allow_base_mismatch)?;
+    let libraries: Vec<(String, Arc<ExpertLibrary>)> = cfg
+        .libraries
+        .into_iter()
+        .map(|l| (l.name, Arc::new(l.library)))
+        .collect();
+    let catalog = Catalog::new(
+        cfg.model_id.clone(),
+        libraries.clone(),
+        cfg.allow_base_mismatch,
+    )?;
     let metrics = Arc::new(metrics::Metrics::default());
     let config = cfg.model.model.config();
     let (max_context, vocab_size) = (config.max_position_embeddings, config.vocab_size);
@@ -293,7 +301,7 @@ pub fn serve(cfg: ServeConfig, on_listen: impl FnOnce(SocketAddr)) -> Result<(),
     );
     let engine = engine::start(
         model,
-        cfg.libraries.into_iter().map(|l| l.library).collect(),
+        libraries.into_iter().map(|(_, l)| l).collect(),
         metrics.clone(),
         cfg.engine,
     );

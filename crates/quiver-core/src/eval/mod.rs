@@ -271,10 +271,11 @@ pub fn subsample(
 /// The (context ids, continuation ids) of each option of a multiple-choice
 /// example.
 pub fn option_pairs(tok: &Tokenizer, ex: &Example) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
-    option_texts(ex)?
-        .iter()
-        .map(|(c, x)| encode_pair(tok, c, x))
-        .collect()
+    encode_texts(tok, &option_texts(ex)?)
+}
+
+fn encode_texts(tok: &Tokenizer, texts: &[(String, String)]) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+    texts.iter().map(|(c, x)| encode_pair(tok, c, x)).collect()
 }
 
 /// Each option's (context, scored continuation) as text; see
@@ -387,7 +388,7 @@ pub struct ChoiceScores {
 /// context share its forward pass.
 pub fn score_choices(model: &Llama, tok: &Tokenizer, ex: &Example) -> Result<ChoiceScores> {
     let texts = option_texts(ex)?;
-    let pairs = option_pairs(tok, ex)?;
+    let pairs = encode_texts(tok, &texts)?;
     let chars: Vec<usize> = texts.iter().map(|(_, x)| x.chars().count()).collect();
     let mut groups: Vec<(Vec<u32>, Vec<usize>)> = Vec::new();
     let mut index: HashMap<Vec<u32>, usize> = HashMap::new();
