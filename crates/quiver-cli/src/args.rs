@@ -156,6 +156,10 @@ pub struct TrainArgs {
     /// union of its tasks, named after the cluster (MBC step 7).
     #[arg(long, conflicts_with_all = ["tasks", "shared"])]
     pub clusters: Option<PathBuf>,
+    /// With --clusters: train only the cluster called NAME (one unit of work, as
+    /// `quiver experiment --phase train-library` runs it).
+    #[arg(long, value_name = "NAME", requires = "clusters")]
+    pub cluster: Option<String>,
     /// Train one expert called NAME on the union of --tasks instead of one per task.
     #[arg(long)]
     pub shared: Option<String>,

@@ -266,7 +266,8 @@ fn held_out_siblings_experiment_reports_paired_differences_and_resumes() {
     assert!(o.status.success(), "{err}");
     assert_eq!(md, md2);
     assert!(!err.contains("$ quiver eval"), "{err}");
-    assert!(err.contains("already in the library, skipping"), "{err}");
+    assert!(err.contains(": already done"), "{err}");
+    assert!(!err.contains("$ quiver train"), "{err}");
 }
 
 #[test]

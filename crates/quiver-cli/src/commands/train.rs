@@ -98,9 +98,19 @@ pub fn run(g: &GlobalArgs, mut a: TrainArgs) -> Result<ExitCode> {
     cfg.validate()?;
     let clusters = match &a.clusters {
         Some(path) => {
-            let c = quiver_core::transform::Clustering::load(path)?;
-            a.tasks = c.clusters.values().flatten().cloned().collect();
-            Some(c.clusters)
+            let mut c = quiver_core::transform::Clustering::load(path)?.clusters;
+            if let Some(only) = &a.cluster {
+                let Some(members) = c.remove(only) else {
+                    bail!(
+                        "{}: no cluster called `{only}` (it has {})",
+                        path.display(),
+                        c.keys().cloned().collect::<Vec<_>>().join(", ")
+                    );
+                };
+                c = [(only.clone(), members)].into_iter().collect();
+            }
+            a.tasks = c.values().flatten().cloned().collect();
+            Some(c)
         }
         None => None,
     };

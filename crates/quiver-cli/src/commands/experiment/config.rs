@@ -21,6 +21,12 @@ pub struct ExperimentConfig {
     #[serde(default)]
     pub families: BTreeMap<String, Family>,
     pub eval: EvalSection,
+    /// How `--executor slurm` submits each phase.
+    #[serde(default)]
+    pub slurm: super::slurm::SlurmSection,
+    /// What `--executor k8s --emit DIR` writes.
+    #[serde(default)]
+    pub k8s: super::k8s::K8sSection,
 }
 
 fn default_model() -> String {
@@ -394,6 +400,7 @@ impl ExperimentConfig {
             )
         })?;
         cfg.validate(origin)?;
+        cfg.slurm.validate(origin)?;
         Ok(cfg)
     }
 

@@ -25,7 +25,10 @@
 
 mod commands;
 mod config;
+mod k8s;
+mod plan;
 mod report;
+mod slurm;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -42,9 +45,9 @@ use quiver_core::library::ExpertLibrary;
 use quiver_core::routing::RoutingSummary;
 
 use crate::flags::GlobalArgs;
-use commands::{expert_args, lib_uri, library_size, route_args, train_data};
+use commands::{lib_uri, library_size};
 pub use config::ExperimentConfig;
-use config::{Lib, RouteSpec, RowKind};
+use config::{Lib, RowKind};
 use report::{Cells, Row, TaskCell};
 
 /// The demo's configuration, also kept in the repository as
@@ -85,9 +88,44 @@ pub struct ExperimentArgs {
     /// (each library is ROOT/private, ROOT/mbc, ...); overrides `[library] root`.
     #[arg(long, value_name = "DIR|s3://BUCKET/PREFIX")]
     pub library_root: Option<String>,
-    /// Print the plan and the commands, run nothing.
+    /// Print the plan and the commands (with --executor slurm: the sbatch
+    /// scripts), run nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Where the units of work run: `local` (one after the other, here),
+    /// `slurm` (each phase a job array submitted with sbatch, phases chained
+    /// by afterok; resources from `[slurm]`), or `k8s` (writes one Indexed Job
+    /// manifest per phase to --emit DIR; settings from `[k8s]`).
+    #[arg(long, value_enum, default_value_t = Executor::Local)]
+    pub executor: Executor,
+    /// With --executor k8s: the directory the manifests are written to.
+    #[arg(long, value_name = "DIR")]
+    pub emit: Option<PathBuf>,
+    /// Run one unit of work of this phase and exit (what a job array element
+    /// runs); needs --index. Done work is skipped.
+    #[arg(long, value_enum, requires = "index")]
+    pub phase: Option<plan::Phase>,
+    /// The unit's index within --phase (0-based, as SLURM_ARRAY_TASK_ID and
+    /// JOB_COMPLETION_INDEX give it).
+    #[arg(long, requires = "phase")]
+    pub index: Option<usize>,
+}
+
+/// Where the units of work run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Executor {
+    Local,
+    Slurm,
+    K8s,
+}
+
+/// How `run_pipeline` runs.
+struct Mode {
+    dry_run: bool,
+    executor: Executor,
+    emit: Option<PathBuf>,
+    unit: Option<(plan::Phase, usize)>,
+    library_root: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -250,81 +288,82 @@ fn read_items(path: &Path) -> Result<Vec<ItemOutcome>> {
         .collect()
 }
 
-/// Runs `quiver eval ARGS` unless the same command already ran (its
-/// report and predictions are stored), and returns its outcome.
-fn run_eval(
-    g: &GlobalArgs,
-    out: &Path,
-    slug: &str,
-    what: &str,
-    args: &[String],
-    routing: bool,
-) -> Result<EvalOut> {
-    let f = eval_files(out, slug);
+/// The stored outcome of `job`, if the same command already ran (its
+/// report, predictions and, for a routed route, routing weights are there).
+fn stored_eval(out: &Path, job: &plan::EvalJob) -> Result<Option<EvalOut>> {
+    let f = eval_files(out, &job.slug);
     let stored: Option<StoredEval> = std::fs::read_to_string(&f.report)
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok());
-    let have_files = f.predictions.exists() && (!routing || f.routing.exists());
+    let have_files = f.predictions.exists() && (!job.routing || f.routing.exists());
     let report = match stored {
-        Some(s) if s.command == args && have_files => {
-            if !g.quiet {
-                eprintln!("\n== {what}: already done ({})", f.report.display());
-            }
-            s.report
-        }
-        _ => {
-            let dir = out.join("eval");
-            std::fs::create_dir_all(&dir)?;
-            let tmp_report = dir.join(format!(".{slug}.report.json"));
-            let tmp_pred = dir.join(format!(".{slug}.predictions.jsonl"));
-            let tmp_routing = dir.join(format!(".{slug}.routing.json"));
-            let mut full = args.to_vec();
-            full.extend(["--json".into(), tmp_report.display().to_string()]);
-            full.extend(["--predictions".into(), tmp_pred.display().to_string()]);
-            if routing {
-                full.extend([
-                    "--routing-summary".into(),
-                    tmp_routing.display().to_string(),
-                ]);
-            }
-            run_step(
-                g,
-                &Step {
-                    what: what.to_string(),
-                    args: full,
-                    log: out.join("logs").join(format!("eval-{slug}.txt")),
-                },
-            )?;
-            let report: EvalReport = serde_json::from_str(
-                &std::fs::read_to_string(&tmp_report)
-                    .with_context(|| format!("cannot read {}", tmp_report.display()))?,
-            )?;
-            std::fs::rename(&tmp_pred, &f.predictions)?;
-            if routing {
-                std::fs::rename(&tmp_routing, &f.routing)?;
-            }
-            let stored = StoredEval {
-                command: args.to_vec(),
-                report: report.clone(),
-            };
-            write_atomic(&f.report, serde_json::to_string_pretty(&stored)?.as_bytes())?;
-            let _ = std::fs::remove_file(&tmp_report);
-            report
-        }
+        Some(s) if s.command == job.args && have_files => s.report,
+        _ => return Ok(None),
     };
     let items = read_items(&f.predictions)?;
-    let routing = if routing {
+    let routing = if job.routing {
         let text = std::fs::read_to_string(&f.routing)
             .with_context(|| format!("cannot read {}", f.routing.display()))?;
         Some(serde_json::from_str(&text).with_context(|| format!("{}", f.routing.display()))?)
     } else {
         None
     };
-    Ok(EvalOut {
+    Ok(Some(EvalOut {
         report,
         items,
         routing,
-    })
+    }))
+}
+
+/// Runs `quiver eval ARGS` unless the same command already ran, and stores
+/// its report, predictions and routing weights (each written to a temporary
+/// file and renamed, the report last).
+fn run_eval(g: &GlobalArgs, out: &Path, job: &plan::EvalJob) -> Result<()> {
+    let f = eval_files(out, &job.slug);
+    if stored_eval(out, job)?.is_some() {
+        if !g.quiet {
+            eprintln!("\n== {}: already done ({})", job.what, f.report.display());
+        }
+        return Ok(());
+    }
+    let slug = &job.slug;
+    let dir = out.join("eval");
+    std::fs::create_dir_all(&dir)?;
+    let tmp_report = dir.join(format!(".{slug}.report.json"));
+    let tmp_pred = dir.join(format!(".{slug}.predictions.jsonl"));
+    let tmp_routing = dir.join(format!(".{slug}.routing.json"));
+    let mut full = job.args.clone();
+    full.extend(["--json".into(), tmp_report.display().to_string()]);
+    full.extend(["--predictions".into(), tmp_pred.display().to_string()]);
+    if job.routing {
+        full.extend([
+            "--routing-summary".into(),
+            tmp_routing.display().to_string(),
+        ]);
+    }
+    run_step(
+        g,
+        &Step {
+            what: job.what.clone(),
+            args: full,
+            log: out.join("logs").join(format!("eval-{slug}.txt")),
+        },
+    )?;
+    let report: EvalReport = serde_json::from_str(
+        &std::fs::read_to_string(&tmp_report)
+            .with_context(|| format!("cannot read {}", tmp_report.display()))?,
+    )?;
+    std::fs::rename(&tmp_pred, &f.predictions)?;
+    if job.routing {
+        std::fs::rename(&tmp_routing, &f.routing)?;
+    }
+    let stored = StoredEval {
+        command: job.args.clone(),
+        report,
+    };
+    write_atomic(&f.report, serde_json::to_string_pretty(&stored)?.as_bytes())?;
+    let _ = std::fs::remove_file(&tmp_report);
+    Ok(())
 }
 
 /// One table's items: which tasks, which split, how many.
@@ -422,7 +461,14 @@ pub fn run_experiment(g: &GlobalArgs, a: ExperimentArgs) -> Result<ExitCode> {
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.name));
-    run_pipeline(g, &cfg, &text, &out, a.dry_run)
+    let mode = Mode {
+        dry_run: a.dry_run,
+        executor: a.executor,
+        emit: a.emit.clone(),
+        unit: a.phase.zip(a.index),
+        library_root: a.library_root.clone(),
+    };
+    run_pipeline(g, &cfg, &text, &out, &mode)
 }
 
 pub fn run_demo(g: &GlobalArgs, a: DemoArgs) -> Result<ExitCode> {
@@ -431,7 +477,14 @@ pub fn run_demo(g: &GlobalArgs, a: DemoArgs) -> Result<ExitCode> {
         .out
         .clone()
         .unwrap_or_else(|| quiver_core::assets::quiver_home().join("runs").join("demo"));
-    run_pipeline(g, &cfg, DEMO_CONFIG, &out, a.dry_run)
+    let mode = Mode {
+        dry_run: a.dry_run,
+        executor: Executor::Local,
+        emit: None,
+        unit: None,
+        library_root: None,
+    };
+    run_pipeline(g, &cfg, DEMO_CONFIG, &out, &mode)
 }
 
 /// Rough wall time on the 2-core CPU this was developed on: a training step
@@ -497,33 +550,12 @@ fn estimate_seconds(cfg: &ExperimentConfig, out: &Path) -> f64 {
     steps as f64 * per_step + items
 }
 
-/// The table of held-out siblings (test items of their own split).
-fn held_out_table(cfg: &ExperimentConfig, contamination: &[report::Contamination]) -> TableSpec {
-    TableSpec {
-        tasks: cfg.held_out(),
-        split: "test".into(),
-        fractions: Some(cfg.held_out_fractions()),
-        limit: cfg.eval.held_out_limit,
-        data: train_data(cfg),
-        seed: cfg.eval.seed,
-        exclude: contaminating(cfg, contamination),
-    }
-}
-
-/// The library tasks some held-out input occurs in.
-fn contaminating(cfg: &ExperimentConfig, c: &[report::Contamination]) -> Vec<String> {
-    cfg.train_tasks()
-        .into_iter()
-        .filter(|t| c.iter().any(|x| &x.library_task == t))
-        .collect()
-}
-
 fn run_pipeline(
     g: &GlobalArgs,
     cfg: &ExperimentConfig,
     text: &str,
     out: &Path,
-    dry_run: bool,
+    mode: &Mode,
 ) -> Result<ExitCode> {
     let start = Instant::now();
     let home = quiver_core::assets::quiver_home();
@@ -580,149 +612,73 @@ fn run_pipeline(
             (est / 60.0).ceil()
         );
     }
-    let logs = out.join("logs");
-    let libs = cfg.libraries();
-    let lib_path = |l: Lib| lib_uri(cfg, out, l);
-    let guard: Vec<String> = if held_out.is_empty() {
-        Vec::new()
-    } else {
-        vec!["--held-out".into(), held_out.join(",")]
+    let ctx = plan::Ctx {
+        cfg,
+        out,
+        contamination: &contamination,
     };
-    let mut steps: Vec<Step> = Vec::new();
-    let tasks = train_tasks.join(",");
-    if libs.contains(&Lib::Private) {
-        let mut args = vec![
-            "train".to_string(),
-            "--library".into(),
-            lib_path(Lib::Private),
-        ];
-        args.extend(["--tasks".into(), tasks.clone()]);
-        args.extend(guard.clone());
-        args.extend(cfg.train_flags(cfg.train.steps));
-        steps.push(Step {
-            what: format!(
-                "private library: one expert per task ({} tasks)",
-                train_tasks.len()
-            ),
-            args,
-            log: logs.join("train-private.jsonl"),
-        });
+    let phases = plan::phases(cfg);
+    if let Some((phase, index)) = mode.unit {
+        // One unit of work, as a job array element runs it.
+        let units = &phases
+            .iter()
+            .find(|(p, _)| *p == phase)
+            .expect("every phase is planned")
+            .1;
+        let unit = units.get(index).with_context(|| {
+            format!(
+                "phase {} has {} units of work (indices 0 to {}), not {index}",
+                phase.name(),
+                units.len(),
+                units.len().saturating_sub(1)
+            )
+        })?;
+        std::fs::create_dir_all(out)
+            .with_context(|| format!("cannot create {}", out.display()))?;
+        run_unit(g, &ctx, unit)?;
+        return Ok(ExitCode::SUCCESS);
     }
-    let cluster_steps = cfg.train.cluster_steps.unwrap_or(cfg.train.steps);
-    let mut cluster_files: BTreeMap<Lib, PathBuf> = BTreeMap::new();
-    let cluster_args = |method: &str, embed: &str, file: &Path| {
-        vec![
-            "cluster".to_string(),
-            "--library".into(),
-            lib_path(Lib::Private),
-            "--method".into(),
-            method.into(),
-            "--k".into(),
-            cfg.library.k.to_string(),
-            "--seed".into(),
-            cfg.library.seed.to_string(),
-            "--embed".into(),
-            embed.into(),
-            "--out".into(),
-            file.display().to_string(),
-        ]
-    };
-    for (lib, method) in [(Lib::Mbc, "mbc"), (Lib::Random, "random")] {
-        if !libs.contains(&lib) {
-            continue;
+    match mode.executor {
+        Executor::Local => {}
+        Executor::Slurm => {
+            let submit = slurm::Submit {
+                ctx: &ctx,
+                phases: &phases,
+                text,
+                library_root: mode.library_root.as_deref(),
+                key: (&key_path, &train_key),
+            };
+            if mode.dry_run {
+                slurm::dry_run(&submit)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            slurm::run(g, &submit)?;
+            return finish(g, &ctx, start);
         }
-        let file = out.join(format!("clusters-{method}.json"));
-        let mut args = cluster_args(method, &cfg.library.embed, &file);
-        if lib == Lib::Mbc {
-            args.extend([
-                "--plot".into(),
-                out.join("clusters-mbc.png").display().to_string(),
-            ]);
+        Executor::K8s => {
+            let dir = mode
+                .emit
+                .as_deref()
+                .context("--executor k8s needs --emit DIR: where to write the manifests")?;
+            k8s::emit(&ctx, &phases, text, mode.library_root.as_deref(), dir)?;
+            return Ok(ExitCode::SUCCESS);
         }
-        if !file.exists() {
-            steps.push(Step {
-                what: format!(
-                    "{method} clusters of the private experts (k = {})",
-                    cfg.library.k
-                ),
-                args,
-                log: logs.join(format!("cluster-{method}.jsonl")),
-            });
-        }
-        cluster_files.insert(lib, file);
     }
-    // The other embedding, for the record: how well each recovers the families.
-    let other_embed = if cfg.library.embed == "delta" {
-        "weights"
-    } else {
-        "delta"
-    };
-    let other_file = out.join(format!("clusters-mbc-{other_embed}.json"));
-    if libs.contains(&Lib::Mbc) && !cfg.families.is_empty() && !other_file.exists() {
-        steps.push(Step {
-            what: format!("MBC clusters with --embed {other_embed}, for comparison (not trained)"),
-            args: cluster_args("mbc", other_embed, &other_file),
-            log: logs.join(format!("cluster-mbc-{other_embed}.jsonl")),
-        });
-    }
-    for (lib, file) in &cluster_files {
-        let mut args = vec![
-            "train".to_string(),
-            "--library".into(),
-            lib_path(*lib),
-            "--clusters".into(),
-            file.display().to_string(),
-        ];
-        args.extend(guard.clone());
-        args.extend(cfg.train_flags(cluster_steps));
-        steps.push(Step {
-            what: format!("{} library: one expert per cluster", lib.dir()),
-            args,
-            log: logs.join(format!("train-{}.jsonl", lib.dir())),
-        });
-    }
-    if libs.contains(&Lib::Shared) {
-        let mut args = vec![
-            "train".to_string(),
-            "--library".into(),
-            lib_path(Lib::Shared),
-            "--shared".into(),
-            "shared".into(),
-            "--tasks".into(),
-            tasks.clone(),
-        ];
-        args.extend(guard.clone());
-        args.extend(cfg.train_flags(cfg.train.shared_steps.unwrap_or(cluster_steps)));
-        steps.push(Step {
-            what: "shared expert on the union of the training tasks".into(),
-            args,
-            log: logs.join("train-shared.jsonl"),
-        });
-    }
-    // The task oracles train only when their row is evaluated (last in
-    // most configs), so the routes before it report sooner.
-    let oracle_step = libs.contains(&Lib::Oracle).then(|| {
-        let fr = cfg.held_out_fractions();
-        let mut args = vec![
-            "train".to_string(),
-            "--library".into(),
-            lib_path(Lib::Oracle),
-            "--tasks".into(),
-            held_out.join(","),
-            "--split-fractions".into(),
-            format!("{},{}", fr.train, fr.validation),
-        ];
-        args.extend(cfg.train_flags(cfg.train.oracle_steps.unwrap_or(cfg.train.steps)));
-        Step {
-            what: "task oracles: one expert per held-out sibling, trained on its own train split (an upper bound, in no library)".into(),
-            args,
-            log: logs.join("train-oracle.jsonl"),
-        }
-    });
-
-    if dry_run {
-        for s in steps.iter().chain(&oracle_step) {
-            eprintln!("\n== {}\n$ quiver {}", s.what, command_line(&s.args));
+    if mode.dry_run {
+        for (phase, units) in &phases {
+            for u in units {
+                match plan::train_step(&ctx, u) {
+                    Ok(Some(s)) => eprintln!(
+                        "\n== [{}] {}\n$ quiver {}",
+                        phase.name(),
+                        s.what,
+                        command_line(&s.args)
+                    ),
+                    Ok(None) => {}
+                    // Its command depends on an earlier phase's output.
+                    Err(_) => eprintln!("\n== [{}] {}", phase.name(), plan::describe(&ctx, u)),
+                }
+            }
         }
         eprintln!(
             "\n(then one `quiver eval` per route and table: {})",
@@ -737,193 +693,154 @@ fn run_pipeline(
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     write_atomic(&key_path, train_key.as_bytes())?;
     write_atomic(&out.join("experiment.toml"), text.as_bytes())?;
-    for s in &steps {
-        run_step(g, s)?;
-    }
-    if libs.contains(&Lib::PrivateShared) {
-        link_private_shared(cfg, out)?;
-    }
-
-    let mut results = report::Results::new(cfg, out, contamination);
-    results.load_clusterings()?;
-
-    // The private experts on their own tasks first: if they do not help
-    // there, nothing downstream means anything.
-    if !cfg.families.is_empty() && cfg.eval.own_limit > 0 {
-        let own = TableSpec {
-            tasks: train_tasks.clone(),
-            split: "test".into(),
-            fractions: None,
-            limit: Some(cfg.eval.own_limit),
-            data: train_data(cfg),
-            seed: cfg.eval.seed,
-            exclude: Vec::new(),
-        };
-        let mut args = vec!["eval".to_string(), "--model".into(), cfg.model.clone()];
-        args.extend(own.args(&own.tasks));
-        let base = run_eval(
-            g,
-            out,
-            "own-tasks.base",
-            "base model on the library tasks' test items",
-            &args,
-            false,
-        )?;
-        let (bc, bi) = cells(&base);
-        let mut expert = Row::new("private expert");
-        for t in &train_tasks {
-            let name = expert_name_for_task(t);
-            let mut args = expert_args(cfg, out, Lib::Private, &name);
-            args.extend(own.args(std::slice::from_ref(t)));
-            let e = run_eval(
-                g,
-                out,
-                &format!("own-tasks.{}", slug(&name)),
-                &format!("private expert {name} on its own task"),
-                &args,
-                false,
-            )?;
-            expert.absorb(cells(&e));
-        }
-        let mut base_row = Row::new("base");
-        base_row.absorb((bc, bi));
-        results.own = Some((base_row, expert));
-        results.write()?;
-    }
-
-    let routes: Vec<RouteSpec> = cfg.routes();
-    let mut family_choice: BTreeMap<String, (String, f64)> = BTreeMap::new();
-    // Every route on the held-out siblings and on `[eval] tasks`.
-    let siblings = held_out_table(cfg, &results.contamination);
-    let extra = TableSpec {
-        tasks: cfg.eval.tasks.clone(),
-        split: cfg.eval.split.clone(),
-        fractions: None,
-        limit: cfg.eval.limit,
-        data: cfg.eval.data.clone(),
-        seed: cfg.eval.seed,
-        exclude: Vec::new(),
-    };
-    for r in &routes {
-        if !held_out.is_empty() {
-            let mut row = Row::new(&r.label);
-            match &r.kind {
-                RowKind::Plain { .. } => {
-                    let mut args = route_args(cfg, out, &r.kind);
-                    args.extend(siblings.args(&siblings.tasks));
-                    let e = run_eval(
-                        g,
-                        out,
-                        &format!("{}.held-out", slug(&r.label)),
-                        &format!("evaluate {} on the held-out siblings", r.label),
-                        &args,
-                        r.routed(),
-                    )?;
-                    row.routing = e.routing.clone();
-                    row.absorb(cells(&e));
-                }
-                RowKind::FamilyOracle | RowKind::TaskOracle => {
-                    // The family oracle's choices, on the siblings' validation items.
-                    if r.kind == RowKind::FamilyOracle && family_choice.is_empty() {
-                        let fr = cfg.held_out_fractions();
-                        let val = TableSpec {
-                            tasks: held_out.clone(),
-                            split: "validation".into(),
-                            fractions: Some(fr),
-                            limit: Some(cfg.eval.select_limit),
-                            data: train_data(cfg),
-                            seed: cfg.eval.seed,
-                            exclude: contaminating(cfg, &results.contamination),
-                        };
-                        for (fam, f) in &cfg.families {
-                            for t in &f.library {
-                                let name = expert_name_for_task(t);
-                                let mut args = expert_args(cfg, out, Lib::Private, &name);
-                                args.extend(val.args(&f.held_out));
-                                let e = run_eval(
-                            g,
-                            out,
-                            &format!("select.{}", slug(&name)),
-                            &format!(
-                                "family oracle ({fam}): {name} on the held-out siblings' validation items"
-                            ),
-                            &args,
-                            false,
-                        )?;
-                                for r in &e.report.tasks {
-                                    let better = family_choice
-                                        .get(&r.task)
-                                        .is_none_or(|(_, best)| r.score > *best);
-                                    if better {
-                                        family_choice
-                                            .insert(r.task.clone(), (name.clone(), r.score));
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    if r.kind == RowKind::TaskOracle {
-                        if let Some(step) = &oracle_step {
-                            run_step(g, step)?;
-                        }
-                    }
-                    for h in &held_out {
-                        let (lib, name) = if r.kind == RowKind::TaskOracle {
-                            (Lib::Oracle, expert_name_for_task(h))
-                        } else {
-                            let (name, _) = family_choice
-                                .get(h)
-                                .cloned()
-                                .with_context(|| format!("no family oracle chosen for {h}"))?;
-                            (Lib::Private, name)
-                        };
-                        let mut args = expert_args(cfg, out, lib, &name);
-                        args.extend(siblings.args(std::slice::from_ref(h)));
-                        let e = run_eval(
-                            g,
-                            out,
-                            &format!("{}.{}", slug(&r.label), slug(h)),
-                            &format!("{}: {name} on {h}", r.label),
-                            &args,
-                            false,
-                        )?;
-                        row.notes.insert(h.clone(), name);
-                        row.absorb(cells(&e));
-                    }
-                }
+    for (_, units) in &phases {
+        for u in units {
+            run_unit(g, &ctx, u)?;
+            // An interrupted run shows what it has.
+            if matches!(u, plan::Unit::Eval(_)) {
+                assemble(&ctx, true)?.write()?;
             }
-            results.held_out.push(row);
-            results.write()?;
         }
     }
-    // Then the further tasks, once every route has its held-out row.
-    for r in &routes {
-        if !cfg.eval.tasks.is_empty() && matches!(r.kind, RowKind::Plain { .. }) {
-            let mut args = route_args(cfg, out, &r.kind);
-            args.extend(extra.args(&extra.tasks));
-            let e = run_eval(
-                g,
-                out,
-                &slug(&r.label),
-                &format!("evaluate {}", r.label),
-                &args,
-                false,
-            )?;
-            let mut row = Row::new(&r.label);
-            row.absorb(cells(&e));
-            results.extra.push((row, e.report));
-            results.write()?;
+    finish(g, &ctx, start)
+}
+
+/// Runs one unit of work unless its output is there.
+fn run_unit(g: &GlobalArgs, ctx: &plan::Ctx, unit: &plan::Unit) -> Result<()> {
+    if !matches!(unit, plan::Unit::Eval(_)) && plan::is_done(ctx, unit)? {
+        if !g.quiet {
+            eprintln!("\n== {}: already done", plan::describe(ctx, unit));
         }
+        return Ok(());
     }
-    let md = results.write()?;
+    match unit {
+        plan::Unit::Link => link_private_shared(ctx.cfg, ctx.out),
+        plan::Unit::Eval(kind) => run_eval(g, ctx.out, &plan::eval_job(ctx, kind)?),
+        _ => match plan::train_step(ctx, unit)? {
+            Some(step) => run_step(g, &step),
+            None => Ok(()),
+        },
+    }
+}
+
+/// Writes the results from what the output directory holds (every
+/// evaluation must be there) and prints the table.
+fn finish(g: &GlobalArgs, ctx: &plan::Ctx, start: Instant) -> Result<ExitCode> {
+    let md = assemble(ctx, false)?.write()?;
     println!("{md}");
     if !g.quiet {
         eprintln!(
             "wrote {} and {} ({:.0} s)",
-            out.join("results.md").display(),
-            out.join("results.json").display(),
+            ctx.out.join("results.md").display(),
+            ctx.out.join("results.json").display(),
             start.elapsed().as_secs_f64()
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The results from the stored evaluations, whoever ran them (this process,
+/// a job array element, a pod). With `allow_missing`, rows not evaluated
+/// yet are left out; without it a missing evaluation is an error naming it.
+fn assemble<'a>(ctx: &plan::Ctx<'a>, allow_missing: bool) -> Result<report::Results<'a>> {
+    use plan::EvalKind;
+    let (cfg, out) = (ctx.cfg, ctx.out);
+    let mut results = report::Results::new(cfg, out, ctx.contamination.to_vec());
+    results.load_clusterings()?;
+    let get = |kind: EvalKind| -> Result<Option<EvalOut>> {
+        let job = match plan::eval_job(ctx, &kind) {
+            Ok(j) => j,
+            Err(_) if allow_missing => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match stored_eval(out, &job)? {
+            Some(e) => Ok(Some(e)),
+            None if allow_missing => Ok(None),
+            None => bail!(
+                "{} is missing ({}): run the experiment again to make it",
+                job.what,
+                eval_files(out, &job.slug).report.display()
+            ),
+        }
+    };
+    let train_tasks = cfg.train_tasks();
+    if !cfg.families.is_empty() && cfg.eval.own_limit > 0 {
+        if let Some(base) = get(EvalKind::OwnBase)? {
+            let mut expert = Row::new("private expert");
+            let mut complete = true;
+            for t in &train_tasks {
+                match get(EvalKind::OwnExpert(t.clone()))? {
+                    Some(e) => expert.absorb(cells(&e)),
+                    None => complete = false,
+                }
+            }
+            if complete {
+                let mut base_row = Row::new("base");
+                base_row.absorb(cells(&base));
+                results.own = Some((base_row, expert));
+            }
+        }
+    }
+    let routes = cfg.routes();
+    let held_out = cfg.held_out();
+    if !held_out.is_empty() {
+        for (i, r) in routes.iter().enumerate() {
+            let mut row = Row::new(&r.label);
+            let mut complete = true;
+            match &r.kind {
+                RowKind::Plain { .. } => match get(EvalKind::HeldOut(i))? {
+                    Some(e) => {
+                        row.routing = e.routing.clone();
+                        row.absorb(cells(&e));
+                    }
+                    None => complete = false,
+                },
+                RowKind::FamilyOracle | RowKind::TaskOracle => {
+                    let choice = if r.kind == RowKind::FamilyOracle {
+                        match plan::family_choices(ctx) {
+                            Ok(c) => Some(c),
+                            Err(_) if allow_missing => None,
+                            Err(e) => return Err(e),
+                        }
+                    } else {
+                        None
+                    };
+                    for h in &held_out {
+                        let (kind, name) = if r.kind == RowKind::TaskOracle {
+                            (EvalKind::TaskOracle(i, h.clone()), expert_name_for_task(h))
+                        } else {
+                            let name = choice
+                                .as_ref()
+                                .and_then(|c| c.get(h))
+                                .map(|(n, _)| n.clone())
+                                .unwrap_or_default();
+                            (EvalKind::FamilyOracle(i, h.clone()), name)
+                        };
+                        match get(kind)? {
+                            Some(e) => {
+                                row.notes.insert(h.clone(), name);
+                                row.absorb(cells(&e));
+                            }
+                            None => complete = false,
+                        }
+                    }
+                }
+            }
+            if complete {
+                results.held_out.push(row);
+            }
+        }
+    }
+    if !cfg.eval.tasks.is_empty() {
+        for (i, r) in routes.iter().enumerate() {
+            if matches!(r.kind, RowKind::Plain { .. }) {
+                if let Some(e) = get(EvalKind::Extra(i))? {
+                    let mut row = Row::new(&r.label);
+                    row.absorb(cells(&e));
+                    results.extra.push((row, e.report));
+                }
+            }
+        }
+    }
+    Ok(results)
 }
