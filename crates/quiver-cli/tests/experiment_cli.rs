@@ -159,7 +159,10 @@ fn experiment_runs_every_route_and_resumes() {
     let (o, table2, err) = run(quiver().args(args));
     assert!(o.status.success(), "{err}");
     assert_eq!(table, table2);
-    assert!(err.contains("private expert plural_a: already done"), "{err}");
+    assert!(
+        err.contains("private expert plural_a: already done"),
+        "{err}"
+    );
     assert!(!err.contains("$ quiver train"), "{err}");
     assert!(err.contains("already done"), "{err}");
     assert!(!err.contains("$ quiver eval"), "{err}");

@@ -44,9 +44,19 @@ fn job_name(cfg_name: &str, phase: &str) -> String {
     let raw = format!("quiver-{cfg_name}-{phase}").to_ascii_lowercase();
     let s: String = raw
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
-    s.chars().take(63).collect::<String>().trim_end_matches('-').to_string()
+    s.chars()
+        .take(63)
+        .collect::<String>()
+        .trim_end_matches('-')
+        .to_string()
 }
 
 /// One Job running `quiver ARGS`; indexed over `completions` when given.
@@ -56,10 +66,9 @@ fn job(ctx: &Ctx, name: &str, phase: Option<(Phase, usize)>, args: Vec<String>) 
         .image
         .clone()
         .context("[k8s] image is not set: the container image with quiver on its PATH")?;
-    let claim = k
-        .pvc
-        .clone()
-        .context("[k8s] pvc is not set: the PersistentVolumeClaim that holds the output directory")?;
+    let claim = k.pvc.clone().context(
+        "[k8s] pvc is not set: the PersistentVolumeClaim that holds the output directory",
+    )?;
     let mount = k.mount.clone().unwrap_or_else(|| "/work/out".into());
     let mut requests = serde_json::Map::new();
     if let Some(c) = &k.cpu {
@@ -132,7 +141,12 @@ fn job(ctx: &Ctx, name: &str, phase: Option<(Phase, usize)>, args: Vec<String>) 
 }
 
 fn base_args(ctx: &Ctx, library_root: Option<&str>) -> Vec<String> {
-    let mount = ctx.cfg.k8s.mount.clone().unwrap_or_else(|| "/work/out".into());
+    let mount = ctx
+        .cfg
+        .k8s
+        .mount
+        .clone()
+        .unwrap_or_else(|| "/work/out".into());
     let mut v: Vec<String> = [
         "--no-progress",
         "experiment",
@@ -244,7 +258,9 @@ fn write_yaml(v: &Value, indent: usize, s: &mut String) {
                     Value::Object(_) | Value::Array(_) => {
                         let mut inner = String::new();
                         write_yaml(item, indent + 2, &mut inner);
-                        let body = inner.strip_prefix(&" ".repeat(indent + 2)).unwrap_or(&inner);
+                        let body = inner
+                            .strip_prefix(&" ".repeat(indent + 2))
+                            .unwrap_or(&inner);
                         s.push_str(&format!("{pad}- {body}"));
                     }
                     _ => s.push_str(&format!("{pad}- {}\n", scalar(item))),
@@ -308,14 +324,20 @@ mod tests {
         let v = json!({"a": "x: y", "b": [1, {"c": "d", "e": ["f"]}], "t": "l1\nl2\n", "n": 3});
         let y = to_yaml(&v);
         assert!(y.contains("\"a\": \"x: y\"\n"), "{y}");
-        assert!(y.contains("\"b\":\n- 1\n- \"c\": \"d\"\n  \"e\":\n  - \"f\"\n"), "{y}");
+        assert!(
+            y.contains("\"b\":\n- 1\n- \"c\": \"d\"\n  \"e\":\n  - \"f\"\n"),
+            "{y}"
+        );
         assert!(y.contains("\"t\": |\n  l1\n  l2\n"), "{y}");
         assert!(y.contains("\"n\": 3\n"), "{y}");
     }
 
     #[test]
     fn job_names_are_dns_labels() {
-        assert_eq!(job_name("Siblings_1", "train-private"), "quiver-siblings-1-train-private");
+        assert_eq!(
+            job_name("Siblings_1", "train-private"),
+            "quiver-siblings-1-train-private"
+        );
         assert!(job_name(&"x".repeat(80), "eval").len() <= 63);
     }
 }

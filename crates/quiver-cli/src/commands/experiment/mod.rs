@@ -65,7 +65,12 @@ pub const DEMO_CONFIG: &str = include_str!("../../../../../configs/demo.toml");
   [library] k (clusters), seed, embed (delta | weights)\n\
   [families.NAME] library = [subtasks trained], held_out = [sibling subtasks never trained on]\n\
   [eval]    tasks, data, limit, split, seed, top_k, routes, held_out_limit, held_out_split,\n\
-            select_limit, own_limit\n\n\
+            select_limit, own_limit\n\
+  [slurm]   cpus, mem, time, partition, gpus, max_running, extra (sbatch options), setup (shell\n\
+            lines), quiver (executable), poll_seconds; [slurm.phases.PHASE] overrides one phase\n\
+  [k8s]     image, pvc, mount, secret, namespace, parallelism, cpu, memory, gpus, retries\n\n\
+Phases (units of work): train-private, cluster, train-library, link, eval, eval-oracle; \
+`--phase P --index I` runs one unit, skipping it when its output exists.\n\n\
 A route is ROUTE@LIBRARY with LIBRARY one of private (one expert per task), mbc, random \
 (one expert per cluster) or shared; ROUTE is any `quiver eval --route` value (arrow, uniform, \
 ties, mu, phatgoose, ...). `base` needs no library, `shared` means expert:shared@shared, \
@@ -633,8 +638,7 @@ fn run_pipeline(
                 units.len().saturating_sub(1)
             )
         })?;
-        std::fs::create_dir_all(out)
-            .with_context(|| format!("cannot create {}", out.display()))?;
+        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
         run_unit(g, &ctx, unit)?;
         return Ok(ExitCode::SUCCESS);
     }

@@ -204,7 +204,10 @@ pub fn phases(cfg: &ExperimentConfig) -> Vec<(Phase, Vec<Unit>)> {
 
 /// The held-out siblings' test items (inputs that occur in a library task
 /// left out).
-pub fn held_out_table(cfg: &ExperimentConfig, contamination: &[report::Contamination]) -> TableSpec {
+pub fn held_out_table(
+    cfg: &ExperimentConfig,
+    contamination: &[report::Contamination],
+) -> TableSpec {
     TableSpec {
         tasks: cfg.held_out(),
         split: "test".into(),
@@ -477,9 +480,9 @@ pub fn train_step(ctx: &Ctx, unit: &Unit) -> Result<Option<Step>> {
                 ]);
             }
             let what = match kind {
-                ClusterKind::OtherEmbed => format!(
-                    "MBC clusters with --embed {embed}, for comparison (not trained)"
-                ),
+                ClusterKind::OtherEmbed => {
+                    format!("MBC clusters with --embed {embed}, for comparison (not trained)")
+                }
                 _ => format!(
                     "{method} clusters of the private experts (k = {})",
                     cfg.library.k
@@ -503,10 +506,7 @@ pub fn train_step(ctx: &Ctx, unit: &Unit) -> Result<Option<Step>> {
             };
             let file = cluster_file(out, kind, cfg);
             let Some(names) = cluster_names(&file)? else {
-                bail!(
-                    "{} is missing: run phase cluster first",
-                    file.display()
-                );
+                bail!("{} is missing: run phase cluster first", file.display());
             };
             let Some(name) = names.get(*i) else {
                 return Ok(None);

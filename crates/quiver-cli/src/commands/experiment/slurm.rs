@@ -92,7 +92,11 @@ impl SlurmSection {
                 );
             }
         }
-        for line in self.extra.iter().chain(self.phases.values().flat_map(|r| &r.extra)) {
+        for line in self
+            .extra
+            .iter()
+            .chain(self.phases.values().flat_map(|r| &r.extra))
+        {
             if line.contains('\n') {
                 bail!("{origin}: [slurm] extra: one sbatch option per entry, without newlines");
             }
@@ -170,7 +174,8 @@ fn quiver_exe(s: &Submit) -> Result<String> {
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
-    std::path::absolute(p).with_context(|| format!("{}: cannot make the path absolute", p.display()))
+    std::path::absolute(p)
+        .with_context(|| format!("{}: cannot make the path absolute", p.display()))
 }
 
 /// The sbatch script of one phase's array over `indices`.
@@ -266,7 +271,10 @@ pub fn dry_run(s: &Submit) -> Result<()> {
             "# phase {} ({} of {} units): sbatch --parsable{dep} {}",
             phase.name(),
             idx.len(),
-            s.phases.iter().find(|(p, _)| p == phase).map_or(0, |(_, u)| u.len()),
+            s.phases
+                .iter()
+                .find(|(p, _)| p == phase)
+                .map_or(0, |(_, u)| u.len()),
             slurm_dir(s.ctx.out)
                 .join(format!("{}.sbatch", phase.name()))
                 .display()
@@ -458,7 +466,11 @@ pub fn run(g: &GlobalArgs, s: &Submit) -> Result<()> {
             eprintln!(
                 "following {} job array(s) submitted earlier and still queued: {}",
                 still.len(),
-                still.iter().map(|j| format!("{} ({})", j.id, j.phase)).collect::<Vec<_>>().join(", ")
+                still
+                    .iter()
+                    .map(|j| format!("{} ({})", j.id, j.phase))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
         follow(g, s, &still)?;
@@ -485,7 +497,11 @@ pub fn run(g: &GlobalArgs, s: &Submit) -> Result<()> {
         // `--parsable` prints "ID" or "ID;CLUSTER".
         let id = text.trim().split(';').next().unwrap_or("").to_string();
         if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit()) {
-            bail!("sbatch {} printed `{}`, not a job id", path.display(), text.trim());
+            bail!(
+                "sbatch {} printed `{}`, not a job id",
+                path.display(),
+                text.trim()
+            );
         }
         if !g.quiet {
             eprintln!(
@@ -504,7 +520,10 @@ pub fn run(g: &GlobalArgs, s: &Submit) -> Result<()> {
             id: id.clone(),
             indices: idx.clone(),
         });
-        write_atomic(&jobs_file(out), serde_json::to_string_pretty(&submitted)?.as_bytes())?;
+        write_atomic(
+            &jobs_file(out),
+            serde_json::to_string_pretty(&submitted)?.as_bytes(),
+        )?;
         previous = Some(id);
     }
     follow(g, s, &submitted.jobs)
@@ -536,6 +555,9 @@ fn follow(g: &GlobalArgs, s: &Submit, jobs: &[Job]) -> Result<()> {
     };
     let mut last: BTreeMap<(String, usize), String> = BTreeMap::new();
     let mut last_summary = String::new();
+    // Elements seen waiting or running: one that leaves the queue without a
+    // final state was cancelled before it started (Slurm drops those).
+    let mut seen: BTreeSet<(String, usize)> = BTreeSet::new();
     let finals: BTreeMap<(String, usize), String> = loop {
         let states = squeue(jobs)?;
         let mut active = 0usize;
@@ -548,6 +570,7 @@ fn follow(g: &GlobalArgs, s: &Submit, jobs: &[Job]) -> Result<()> {
                 let key = (j.id.clone(), *i);
                 match states.get(&key) {
                     Some(st) if st.active() => {
+                        seen.insert(key.clone());
                         active += 1;
                         if st.state == "RUNNING" {
                             running += 1;
@@ -636,16 +659,25 @@ fn follow(g: &GlobalArgs, s: &Submit, jobs: &[Job]) -> Result<()> {
     let mut failures = Vec::new();
     for j in jobs {
         let phase = phase_of(&j.phase);
-        let units = &s.phases.iter().find(|(p, _)| *p == phase).expect("planned").1;
+        let units = &s
+            .phases
+            .iter()
+            .find(|(p, _)| *p == phase)
+            .expect("planned")
+            .1;
         for i in &j.indices {
             let Some(unit) = units.get(*i) else { continue };
             if plan::is_done(s.ctx, unit)? {
                 continue;
             }
-            let state = finals
-                .get(&(j.id.clone(), *i))
-                .cloned()
-                .unwrap_or_else(|| "no longer known to Slurm".into());
+            let key = (j.id.clone(), *i);
+            let state = match finals.get(&key) {
+                Some(s) => s.clone(),
+                None if seen.contains(&key) => {
+                    "CANCELLED before it started (it left the queue)".into()
+                }
+                None => "no longer known to Slurm".into(),
+            };
             let hint = match state.as_str() {
                 "TIMEOUT" => format!(
                     " (over its time limit: raise `time` in [slurm] or [slurm.phases.{}])",
@@ -701,7 +733,11 @@ mod tests {
         assert_eq!(r.extra, vec!["--account=lab", "--qos=low"]);
         assert_eq!(s.resources(Phase::Cluster).cpus, Some(2));
         let bad: SlurmSection = toml::from_str("[phases.evl]\ncpus = 1\n").unwrap();
-        assert!(bad.validate("t").unwrap_err().to_string().contains("no such phase"));
+        assert!(bad
+            .validate("t")
+            .unwrap_err()
+            .to_string()
+            .contains("no such phase"));
     }
 
     #[test]
