@@ -626,6 +626,10 @@ fn follow(g: &GlobalArgs, s: &Submit, jobs: &[Job]) -> Result<()> {
         );
         if summary != last_summary {
             pb.set_message(summary.clone());
+            if pb.is_hidden() && !g.quiet {
+                // Without a bar, each change of the queue is one line.
+                eprintln!("slurm: {finished}/{total} units finished, {summary}");
+            }
             last_summary = summary;
         }
         if active == 0 {
