@@ -30,6 +30,7 @@ fn examples(task: &str, n: usize) -> Vec<Example> {
             options: None,
             answer: None,
             scored_suffix: None,
+            doc_id: None,
         })
         .collect()
 }
@@ -326,6 +327,11 @@ fn olmo_names_splits_and_documents() {
         assert_eq!(&e.target, &e.options.as_ref().unwrap()[i % 3]);
     }
     let mc = src.load_task("toyqa:mc:train").unwrap();
+    // Each example keeps its request file's doc_id (lm-eval's document id).
+    assert_eq!(
+        mc.iter().map(|e| e.doc_id).collect::<Vec<_>>(),
+        (100..110).map(Some).collect::<Vec<_>>()
+    );
     assert_eq!(mc[0].options.as_deref().unwrap(), ["A", "B", "C"]);
     assert_eq!(mc[0].target, "B", "doc 100: gold 100 % 3 = 1");
 
@@ -463,6 +469,11 @@ fn jsonl_source_and_round_trip() {
     assert_eq!(got, [("echo", 2, false), ("sentiment", 2, true)]);
     let s = src.load_task("sentiment").unwrap();
     assert_eq!(s[1].answer, Some(1), "answer inferred from the target");
+    // Without ids in the file: the position among the task's examples.
+    assert_eq!(
+        s.iter().map(|e| e.doc_id).collect::<Vec<_>>(),
+        [Some(0), Some(1)]
+    );
     assert!(matches!(
         src.load_task("sentimnet"),
         Err(Error::UnknownTask { .. })

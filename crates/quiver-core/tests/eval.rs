@@ -29,6 +29,7 @@ fn mc(task: &str, source: &str, options: &[&str], answer: usize) -> Example {
         options: Some(options.iter().map(|s| s.to_string()).collect()),
         answer: Some(answer),
         scored_suffix: None,
+        doc_id: None,
     }
 }
 
@@ -91,6 +92,7 @@ fn partial_scoring_scores_only_the_shared_suffix() {
     let rest = " always got the easier cases.";
     let ex = Example {
         scored_suffix: Some(rest.into()),
+        doc_id: None,
         ..mc(
             "winogrande:validation",
             "Sarah was a much better surgeon than Maria so",
@@ -119,6 +121,7 @@ fn partial_scoring_scores_only_the_shared_suffix() {
     // A suffix the options do not end with is bad data.
     let bad = Example {
         scored_suffix: Some(" never".into()),
+        doc_id: None,
         ..ex.clone()
     };
     assert!(bad.check().unwrap_err().contains("scored_suffix"));

@@ -656,6 +656,7 @@ fn toy_examples(task: &str) -> Vec<Example> {
             options: None,
             answer: None,
             scored_suffix: None,
+            doc_id: None,
         })
         .collect()
 }

@@ -34,6 +34,7 @@ fn examples() -> Vec<Example> {
                 options: None,
                 answer: None,
                 scored_suffix: None,
+                doc_id: None,
             }
         })
         .collect()

@@ -63,7 +63,8 @@ pub struct EvalArgs {
     /// Also write the report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// Write every item's scores or generated answer to FILE as JSON lines.
+    /// Write every item's scores or generated answer to FILE as JSON lines, with its
+    /// `doc_id` (the olmo file's document id, else its position in the task's file).
     #[arg(long, value_name = "FILE")]
     pub predictions: Option<PathBuf>,
     /// Leave out items whose input (whitespace collapsed, lower case) also occurs in

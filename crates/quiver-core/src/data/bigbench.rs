@@ -263,6 +263,7 @@ impl Format {
                 options: Some(options),
                 answer: Some(best),
                 scored_suffix: None,
+                doc_id: None,
             });
         }
         let target = match raw.target? {
@@ -281,6 +282,7 @@ impl Format {
             options: None,
             answer: None,
             scored_suffix: None,
+            doc_id: None,
         })
     }
 }

@@ -16,6 +16,9 @@
 //! * `scored_suffix` (string): optional, for multiple choice whose options
 //!   all end with the same text (WinoGrande): only that suffix is scored,
 //!   conditioned on the source and each option's head.
+//! * `doc_id` (non-negative integer): optional, the document's id in its
+//!   source (kept in `quiver eval --predictions`); default: the example's
+//!   position among its task's lines.
 //! * Other fields are ignored; blank lines are skipped; a file whose name
 //!   ends in `.gz` is gzip-compressed.
 //!
@@ -61,6 +64,7 @@ struct Line {
     options: Option<Vec<String>>,
     answer: Option<usize>,
     scored_suffix: Option<String>,
+    doc_id: Option<u64>,
 }
 
 /// Parses one JSONL record (`Err` is the message of a [`Error::DataLine`]).
@@ -97,6 +101,7 @@ pub fn parse_line(text: &str) -> std::result::Result<Example, String> {
         options: line.options,
         answer,
         scored_suffix: line.scored_suffix,
+        doc_id: line.doc_id,
     };
     ex.check()?;
     Ok(ex)

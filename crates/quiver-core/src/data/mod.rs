@@ -79,6 +79,12 @@ pub struct Example {
     /// the same tokens (as olmo and lm-evaluation-harness do).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scored_suffix: Option<String>,
+    /// The document's id in its source: the olmo request file's `doc_id`
+    /// (lm-evaluation-harness's), else the example's position among its
+    /// task's examples as the file lists them. Matches an evaluated item to
+    /// its source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doc_id: Option<u64>,
 }
 
 impl Example {
@@ -262,11 +268,15 @@ impl DataSource {
     ///
     /// An unknown name is [`Error::UnknownTask`] with a "did you mean" hint.
     pub fn load_task(&self, name: &str) -> Result<Vec<Example>> {
-        match self {
+        let mut examples = match self {
             DataSource::BigBench(root) => bigbench::load_task(root, name, &self.spec()),
             DataSource::Olmo(root) => olmo::load_task(root, name, &self.spec()),
             DataSource::Jsonl(path) => jsonl::load_task(path, name, &self.spec()),
+        }?;
+        for (i, e) in examples.iter_mut().enumerate() {
+            e.doc_id.get_or_insert(i as u64);
         }
+        Ok(examples)
     }
 
     /// One split of one task: [`Self::load_task`] then [`split_examples`].
@@ -673,6 +683,7 @@ mod tests {
             options: None,
             answer: None,
             scored_suffix: None,
+            doc_id: None,
         }
     }
 

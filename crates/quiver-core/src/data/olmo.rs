@@ -196,6 +196,8 @@ struct RequestBody {
 }
 
 struct Doc {
+    /// The request file's `doc_id`.
+    id: i64,
     line: usize,
     doc: serde_json::Value,
     /// The shared context of the document's requests (zero-shot variants).
@@ -243,6 +245,7 @@ pub fn doc_example(
             options: Some(options),
             answer: Some(gold),
             scored_suffix: None,
+            doc_id: None,
         });
     }
     if let (Some(sentence), Some(o1), Some(o2), Some(ans)) = (
@@ -271,6 +274,7 @@ pub fn doc_example(
             options: Some(options),
             answer: Some(answer),
             scored_suffix: (!rest.trim().is_empty()).then(|| rest.to_string()),
+            doc_id: None,
         });
     }
     Err("the document has neither query/choices/gold nor sentence/option1/option2/answer".into())
@@ -326,6 +330,7 @@ fn load_variant(v: &Variant) -> Result<Vec<Example>> {
                 let doc = req.doc.ok_or_else(|| bad("missing field `doc`".into()))?;
                 by_id.insert(id, docs.len());
                 docs.push(Doc {
+                    id,
                     line,
                     doc,
                     context,
@@ -337,11 +342,16 @@ fn load_variant(v: &Variant) -> Result<Vec<Example>> {
     docs.into_iter()
         .map(|d| {
             let ctx = d.context.as_deref().filter(|_| d.same_context);
-            doc_example(&v.name, &d.doc, ctx).map_err(|msg| Error::DataLine {
-                path: path.clone(),
-                line: d.line,
-                msg,
-            })
+            doc_example(&v.name, &d.doc, ctx)
+                .map(|mut e| {
+                    e.doc_id = u64::try_from(d.id).ok();
+                    e
+                })
+                .map_err(|msg| Error::DataLine {
+                    path: path.clone(),
+                    line: d.line,
+                    msg,
+                })
         })
         .collect()
 }

@@ -476,6 +476,9 @@ pub struct ItemRecord {
     pub task: String,
     /// The example's position in the evaluated subsample.
     pub item: usize,
+    /// The document's id in its source file ([`Example::doc_id`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub doc_id: Option<u64>,
     pub correct: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub choices: Option<ChoiceScores>,
@@ -576,6 +579,7 @@ pub fn evaluate_task(
                 ItemRecord {
                     task: task.name.clone(),
                     item: i,
+                    doc_id: ex.doc_id,
                     correct: s.pred_norm == answer,
                     choices: Some(s),
                     answer: Some(answer),
@@ -589,6 +593,7 @@ pub fn evaluate_task(
                 ItemRecord {
                     task: task.name.clone(),
                     item: i,
+                    doc_id: ex.doc_id,
                     correct: metrics::exact_match(&text, &ex.target),
                     rouge_l: Some(metrics::rouge_l(&text, &ex.target)),
                     choices: None,
