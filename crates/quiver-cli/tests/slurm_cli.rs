@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{fixture, quiver, run};
+use common::{quiver, run, write_config, write_data};
 
 fn slurm_missing() -> Option<String> {
     for bin in [
@@ -87,60 +87,18 @@ impl Drop for Cluster {
     }
 }
 
+/// The experiment tests' tiny config, with `[slurm]` and `[k8s]` tables.
 fn write_inputs(dir: &Path) -> PathBuf {
-    let words = ["cat", "sun", "red", "box", "pen", "cup", "hat", "map"];
-    let mut t = String::new();
-    for (task, plural) in [
-        ("plural_a", true),
-        ("plural_b", true),
-        ("reverse_a", false),
-        ("reverse_b", false),
-    ] {
-        for (i, w) in words.iter().cycle().take(30).enumerate() {
-            let target = if plural {
-                format!("{w}s")
-            } else {
-                w.chars().rev().collect()
-            };
-            let v = serde_json::json!({"task": task, "source": format!("{task} {i}: {w} ->"), "target": target});
-            t.push_str(&format!("{v}\n"));
-        }
-    }
-    std::fs::write(dir.join("train.jsonl"), t).unwrap();
-    let mut e = String::new();
-    for w in words.iter().cycle().take(40) {
-        let v = serde_json::json!({"task": "pick_plural", "source": format!("The plural of {w} is"),
-            "options": [format!("{w}s"), format!("{w}x"), w.to_string()], "answer": 0});
-        e.push_str(&format!("{v}\n"));
-    }
-    std::fs::write(dir.join("eval.jsonl"), e).unwrap();
-    let cfg = format!(
+    let (train, eval) = write_data(dir);
+    let path = write_config(
+        dir,
+        &train,
+        &eval,
+        r#""plural_a", "plural_b", "reverse_a", "reverse_b""#,
+    );
+    let mut cfg = std::fs::read_to_string(&path).unwrap();
+    cfg.push_str(
         r#"
-name = "tiny"
-model = "{model}"
-
-[train]
-tasks = ["plural_a", "plural_b", "reverse_a", "reverse_b"]
-source = "{dir}/train.jsonl"
-steps = 2
-cluster_steps = 2
-lr = 1e-2
-batch_size = 2
-max_input_len = 32
-max_target_len = 8
-max_eval_examples = 2
-
-[library]
-k = 2
-
-[eval]
-tasks = ["pick_plural"]
-data = "{dir}/eval.jsonl"
-split = "all"
-limit = 6
-top_k = 2
-routes = ["base", "shared", "uniform@private", "arrow@private", "arrow@mbc", "arrow@random", "ties@mbc"]
-
 [slurm]
 poll_seconds = 0.3
 cpus = 1
@@ -159,10 +117,7 @@ cpu = "2"
 memory = "8Gi"
 parallelism = 4
 "#,
-        model = fixture("tiny_llama").display(),
-        dir = dir.display(),
     );
-    let path = dir.join("tiny.toml");
     std::fs::write(&path, cfg).unwrap();
     path
 }
@@ -349,7 +304,7 @@ fn k8s_executor_writes_indexed_jobs() {
     assert!(config.contains("  [slurm.phases.eval]\n"), "{config}");
     let apply = std::fs::read_to_string(emit.join("apply.sh")).unwrap();
     assert!(
-        apply.contains("kubectl wait --for=condition=complete --timeout=-1s job/quiver-tiny-eval"),
+        apply.contains("kubectl apply -f 04-eval.yaml\nwait_job quiver-tiny-eval\n"),
         "{apply}"
     );
     // Where a YAML parser is at hand, the manifests parse as the Job objects

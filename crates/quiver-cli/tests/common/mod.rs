@@ -96,3 +96,86 @@ fn dirs_home() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/"))
 }
+
+/// The tiny experiment of the experiment tests: two families of training
+/// tasks (`train.jsonl`) and a multiple-choice evaluation task (`eval.jsonl`).
+pub fn write_data(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let train = dir.join("train.jsonl");
+    let mut t = String::new();
+    let words = ["cat", "sun", "red", "box", "pen", "cup", "hat", "map"];
+    for (task, f) in [
+        (
+            "plural_a",
+            (|w: &str| format!("{w}s")) as fn(&str) -> String,
+        ),
+        ("plural_b", |w: &str| format!("{w}s")),
+        ("reverse_a", |w: &str| w.chars().rev().collect()),
+        ("reverse_b", |w: &str| w.chars().rev().collect()),
+    ] {
+        for (i, w) in words.iter().cycle().take(30).enumerate() {
+            let v = serde_json::json!({
+                "task": task,
+                "source": format!("{task} {i}: {w} ->"),
+                "target": f(w),
+            });
+            t.push_str(&format!("{v}\n"));
+        }
+    }
+    std::fs::write(&train, t).unwrap();
+    let eval = dir.join("eval.jsonl");
+    let mut e = String::new();
+    for (i, w) in words.iter().cycle().take(40).enumerate() {
+        let v = serde_json::json!({
+            "task": "pick_plural",
+            "source": format!("The plural of {w} is"),
+            "options": [format!("{w}s"), format!("{w}x"), w.to_string()],
+            "answer": 0,
+            "_i": i,
+        });
+        e.push_str(&format!("{v}\n"));
+    }
+    std::fs::write(&eval, e).unwrap();
+    (train, eval)
+}
+
+pub fn write_config(
+    dir: &Path,
+    train: &Path,
+    eval: &Path,
+    train_tasks: &str,
+) -> std::path::PathBuf {
+    let cfg = format!(
+        r#"
+name = "tiny"
+model = "{model}"
+
+[train]
+tasks = [{train_tasks}]
+source = "{train}"
+steps = 2
+cluster_steps = 2
+lr = 1e-2
+batch_size = 2
+max_input_len = 32
+max_target_len = 8
+max_eval_examples = 2
+
+[library]
+k = 2
+
+[eval]
+tasks = ["pick_plural"]
+data = "{eval}"
+split = "all"
+limit = 6
+top_k = 2
+routes = ["base", "shared", "uniform@private", "arrow@private", "arrow@mbc", "arrow@random", "ties@mbc"]
+"#,
+        model = fixture("tiny_llama").display(),
+        train = train.display(),
+        eval = eval.display(),
+    );
+    let path = dir.join("tiny.toml");
+    std::fs::write(&path, cfg).unwrap();
+    path
+}

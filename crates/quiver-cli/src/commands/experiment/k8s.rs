@@ -294,13 +294,17 @@ pub fn emit(
     let mut apply = String::from(
         "#!/usr/bin/env bash\n# Applies the experiment's manifests in order, each Job after the one before completes.\n# Re-running is safe: finished units of work are skipped by the pods.\nset -euo pipefail\ncd \"$(dirname \"$0\")\"\n",
     );
+    // `kubectl wait --for=condition=complete` waits forever on a failed Job.
+    apply.push_str(&format!(
+        "wait_job() {{\n  while true; do\n    c=$(kubectl{ns} get job \"$1\" -o jsonpath='{{.status.conditions[?(@.status==\"True\")].type}}')\n    case \" $c \" in\n      *\" Complete \"*) return 0 ;;\n      *\" Failed \"*) echo \"job $1 failed: kubectl{ns} logs -l job-name=$1; fix it and run $0 again\" >&2; exit 1 ;;\n    esac\n    sleep 10\n  done\n}}\n"
+    ));
     for (file, obj) in &files {
         write_atomic(&dir.join(file), to_yaml(obj).as_bytes())?;
         let kind = obj["kind"].as_str().unwrap_or("");
         let name = obj["metadata"]["name"].as_str().unwrap_or("");
         if kind == "Job" {
             apply.push_str(&format!(
-                "kubectl{ns} delete job {name} --ignore-not-found\nkubectl{ns} apply -f {file}\nkubectl{ns} wait --for=condition=complete --timeout=-1s job/{name}\n"
+                "kubectl{ns} delete job {name} --ignore-not-found\nkubectl{ns} apply -f {file}\nwait_job {name}\n"
             ));
         } else {
             apply.push_str(&format!("kubectl{ns} apply -f {file}\n"));

@@ -56,9 +56,10 @@ impl Resources {
     }
 }
 
-/// `[slurm]`: how `--executor slurm` submits.
+/// `[slurm]`: how `--executor slurm` submits: the default [`Resources`] of
+/// every phase, written directly in the table, and these.
 #[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "toml::Table")]
 pub struct SlurmSection {
     /// The quiver executable the jobs run (default: this one; it must be
     /// reachable from the compute nodes).
@@ -66,20 +67,36 @@ pub struct SlurmSection {
     /// Seconds between two looks at the queue (default 5).
     pub poll_seconds: Option<f64>,
     /// Shell lines run before the step (e.g. `module load ...`).
-    #[serde(default)]
     pub setup: Vec<String>,
-    pub cpus: Option<usize>,
-    pub mem: Option<String>,
-    pub time: Option<String>,
-    pub partition: Option<String>,
-    pub gpus: Option<usize>,
-    pub max_running: Option<usize>,
-    #[serde(default)]
-    pub extra: Vec<String>,
+    #[serde(flatten)]
+    pub defaults: Resources,
     /// Per-phase overrides, keyed by phase name (train-private, cluster,
     /// train-library, link, eval, eval-oracle).
-    #[serde(default)]
     pub phases: BTreeMap<String, Resources>,
+}
+
+impl TryFrom<toml::Table> for SlurmSection {
+    type Error = String;
+
+    fn try_from(mut t: toml::Table) -> std::result::Result<Self, String> {
+        fn field<T: serde::de::DeserializeOwned>(
+            t: &mut toml::Table,
+            key: &str,
+        ) -> std::result::Result<Option<T>, String> {
+            t.remove(key)
+                .map(|v| v.try_into().map_err(|e| format!("[slurm] {key}: {e}")))
+                .transpose()
+        }
+        Ok(SlurmSection {
+            quiver: field(&mut t, "quiver")?,
+            poll_seconds: field(&mut t, "poll_seconds")?,
+            setup: field(&mut t, "setup")?.unwrap_or_default(),
+            phases: field(&mut t, "phases")?.unwrap_or_default(),
+            defaults: toml::Value::Table(t)
+                .try_into()
+                .map_err(|e| format!("[slurm]: {e}"))?,
+        })
+    }
 }
 
 impl SlurmSection {
@@ -93,6 +110,7 @@ impl SlurmSection {
             }
         }
         for line in self
+            .defaults
             .extra
             .iter()
             .chain(self.phases.values().flat_map(|r| &r.extra))
@@ -105,18 +123,9 @@ impl SlurmSection {
     }
 
     fn resources(&self, phase: Phase) -> Resources {
-        let base = Resources {
-            cpus: self.cpus,
-            mem: self.mem.clone(),
-            time: self.time.clone(),
-            partition: self.partition.clone(),
-            gpus: self.gpus,
-            max_running: self.max_running,
-            extra: self.extra.clone(),
-        };
         match self.phases.get(phase.name()) {
-            Some(r) => r.or(&base),
-            None => base,
+            Some(r) => r.or(&self.defaults),
+            None => self.defaults.clone(),
         }
     }
 }
