@@ -23,10 +23,10 @@ pub struct ExperimentConfig {
     pub eval: EvalSection,
     /// How `--executor slurm` submits each phase.
     #[serde(default)]
-    pub slurm: super::slurm::SlurmSection,
+    pub slurm: SlurmSection,
     /// What `--executor k8s --emit DIR` writes.
     #[serde(default)]
-    pub k8s: super::k8s::K8sSection,
+    pub k8s: K8sSection,
 }
 
 fn default_model() -> String {
@@ -400,7 +400,6 @@ impl ExperimentConfig {
             )
         })?;
         cfg.validate(origin)?;
-        cfg.slurm.validate(origin)?;
         Ok(cfg)
     }
 
@@ -596,4 +595,109 @@ impl ExperimentConfig {
         v.extend(["--checkpoint-every".into(), "5".into()]);
         v
     }
+}
+
+/// Resources of a phase's jobs (`[slurm]` for all, `[slurm.phases.NAME]`
+/// to override one phase).
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// `--cpus-per-task`.
+    pub cpus: Option<usize>,
+    /// `--mem`, e.g. "8G".
+    pub mem: Option<String>,
+    /// `--time`, e.g. "02:00:00".
+    pub time: Option<String>,
+    /// `--partition`.
+    pub partition: Option<String>,
+    /// `--gpus-per-task`.
+    pub gpus: Option<usize>,
+    /// At most this many elements of the array run at once (`--array=...%N`).
+    pub max_running: Option<usize>,
+    /// More sbatch options, one per entry, e.g. "--account=lab".
+    #[serde(default)]
+    pub extra: Vec<String>,
+}
+
+impl Resources {
+    pub fn or(&self, base: &Resources) -> Resources {
+        Resources {
+            cpus: self.cpus.or(base.cpus),
+            mem: self.mem.clone().or_else(|| base.mem.clone()),
+            time: self.time.clone().or_else(|| base.time.clone()),
+            partition: self.partition.clone().or_else(|| base.partition.clone()),
+            gpus: self.gpus.or(base.gpus),
+            max_running: self.max_running.or(base.max_running),
+            extra: base.extra.iter().chain(&self.extra).cloned().collect(),
+        }
+    }
+}
+
+/// `[slurm]`: how `--executor slurm` submits: the default [`Resources`] of
+/// every phase, written directly in the table, and these.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(try_from = "toml::Table")]
+pub struct SlurmSection {
+    /// The quiver executable the jobs run (default: this one; it must be
+    /// reachable from the compute nodes).
+    pub quiver: Option<String>,
+    /// Seconds between two looks at the queue (default 5).
+    pub poll_seconds: Option<f64>,
+    /// Shell lines run before the step (e.g. `module load ...`).
+    pub setup: Vec<String>,
+    #[serde(flatten)]
+    pub defaults: Resources,
+    /// Per-phase overrides, keyed by phase name (train-private, cluster,
+    /// train-library, link, eval, eval-oracle).
+    pub phases: BTreeMap<String, Resources>,
+}
+
+impl TryFrom<toml::Table> for SlurmSection {
+    type Error = String;
+
+    fn try_from(mut t: toml::Table) -> std::result::Result<Self, String> {
+        fn field<T: serde::de::DeserializeOwned>(
+            t: &mut toml::Table,
+            key: &str,
+        ) -> std::result::Result<Option<T>, String> {
+            t.remove(key)
+                .map(|v| v.try_into().map_err(|e| format!("[slurm] {key}: {e}")))
+                .transpose()
+        }
+        Ok(SlurmSection {
+            quiver: field(&mut t, "quiver")?,
+            poll_seconds: field(&mut t, "poll_seconds")?,
+            setup: field(&mut t, "setup")?.unwrap_or_default(),
+            phases: field(&mut t, "phases")?.unwrap_or_default(),
+            defaults: toml::Value::Table(t)
+                .try_into()
+                .map_err(|e| format!("[slurm]: {e}"))?,
+        })
+    }
+}
+
+/// `[k8s]`: what the emitted manifests run and mount.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct K8sSection {
+    /// The container image with `quiver` on its PATH (required).
+    pub image: Option<String>,
+    pub namespace: Option<String>,
+    /// The Secret whose keys become the pods' environment (AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...). Default `quiver-s3`.
+    pub secret: Option<String>,
+    /// The PersistentVolumeClaim holding the output directory (required: every
+    /// pod reads and writes it).
+    pub pvc: Option<String>,
+    /// Where the claim is mounted in the pods, which is the output directory
+    /// (default /work/out).
+    pub mount: Option<String>,
+    /// Pods of one phase running at once (default: all).
+    pub parallelism: Option<usize>,
+    /// Per pod: CPU and memory requests (e.g. "2", "8Gi"), GPUs (nvidia.com/gpu).
+    pub cpu: Option<String>,
+    pub memory: Option<String>,
+    pub gpus: Option<usize>,
+    /// Retries of one index before the Job gives up on it (default 1).
+    pub retries: Option<usize>,
 }

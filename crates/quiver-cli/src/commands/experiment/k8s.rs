@@ -14,32 +14,6 @@ use serde_json::{json, Value};
 
 use super::plan::{Ctx, Phase, Unit};
 
-/// `[k8s]`: what the emitted manifests run and mount.
-#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct K8sSection {
-    /// The container image with `quiver` on its PATH (required).
-    pub image: Option<String>,
-    pub namespace: Option<String>,
-    /// The Secret whose keys become the pods' environment (AWS_ACCESS_KEY_ID,
-    /// AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...). Default `quiver-s3`.
-    pub secret: Option<String>,
-    /// The PersistentVolumeClaim holding the output directory (required: every
-    /// pod reads and writes it).
-    pub pvc: Option<String>,
-    /// Where the claim is mounted in the pods, which is the output directory
-    /// (default /work/out).
-    pub mount: Option<String>,
-    /// Pods of one phase running at once (default: all).
-    pub parallelism: Option<usize>,
-    /// Per pod: CPU and memory requests (e.g. "2", "8Gi"), GPUs (nvidia.com/gpu).
-    pub cpu: Option<String>,
-    pub memory: Option<String>,
-    pub gpus: Option<usize>,
-    /// Retries of one index before the Job gives up on it (default 1).
-    pub retries: Option<usize>,
-}
-
 fn job_name(cfg_name: &str, phase: &str) -> String {
     let raw = format!("quiver-{cfg_name}-{phase}").to_ascii_lowercase();
     let s: String = raw

@@ -458,7 +458,9 @@ fn link_private_shared(cfg: &ExperimentConfig, out: &Path) -> Result<()> {
 pub fn run_experiment(g: &GlobalArgs, a: ExperimentArgs) -> Result<ExitCode> {
     let text = std::fs::read_to_string(&a.config)
         .with_context(|| format!("cannot read {}", a.config.display()))?;
-    let mut cfg = ExperimentConfig::parse(&text, &a.config.display().to_string())?;
+    let origin = a.config.display().to_string();
+    let mut cfg = ExperimentConfig::parse(&text, &origin)?;
+    slurm::validate(&cfg.slurm, &origin)?;
     if a.library_root.is_some() {
         cfg.library.root = a.library_root.clone();
     }

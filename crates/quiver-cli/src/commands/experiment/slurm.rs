@@ -16,117 +16,39 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use quiver_core::fsutil::write_atomic;
 
+use super::config::{Resources, SlurmSection};
 use super::plan::{self, Ctx, Phase, Unit};
 use super::shell_quote;
 use crate::flags::GlobalArgs;
 
-/// Resources of a phase's jobs (`[slurm]` for all, `[slurm.phases.NAME]`
-/// to override one phase).
-#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Resources {
-    /// `--cpus-per-task`.
-    pub cpus: Option<usize>,
-    /// `--mem`, e.g. "8G".
-    pub mem: Option<String>,
-    /// `--time`, e.g. "02:00:00".
-    pub time: Option<String>,
-    /// `--partition`.
-    pub partition: Option<String>,
-    /// `--gpus-per-task`.
-    pub gpus: Option<usize>,
-    /// At most this many elements of the array run at once (`--array=...%N`).
-    pub max_running: Option<usize>,
-    /// More sbatch options, one per entry, e.g. "--account=lab".
-    #[serde(default)]
-    pub extra: Vec<String>,
-}
-
-impl Resources {
-    fn or(&self, base: &Resources) -> Resources {
-        Resources {
-            cpus: self.cpus.or(base.cpus),
-            mem: self.mem.clone().or_else(|| base.mem.clone()),
-            time: self.time.clone().or_else(|| base.time.clone()),
-            partition: self.partition.clone().or_else(|| base.partition.clone()),
-            gpus: self.gpus.or(base.gpus),
-            max_running: self.max_running.or(base.max_running),
-            extra: base.extra.iter().chain(&self.extra).cloned().collect(),
+/// Checks `[slurm.phases.*]` names and `extra` lines.
+pub fn validate(s: &SlurmSection, origin: &str) -> Result<()> {
+    for name in s.phases.keys() {
+        if !Phase::ALL.iter().any(|p| p.name() == name) {
+            bail!(
+                "{origin}: [slurm.phases.{name}]: no such phase (phases: {})",
+                Phase::ALL.map(|p| p.name()).join(", ")
+            );
         }
     }
-}
-
-/// `[slurm]`: how `--executor slurm` submits: the default [`Resources`] of
-/// every phase, written directly in the table, and these.
-#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, serde::Serialize)]
-#[serde(try_from = "toml::Table")]
-pub struct SlurmSection {
-    /// The quiver executable the jobs run (default: this one; it must be
-    /// reachable from the compute nodes).
-    pub quiver: Option<String>,
-    /// Seconds between two looks at the queue (default 5).
-    pub poll_seconds: Option<f64>,
-    /// Shell lines run before the step (e.g. `module load ...`).
-    pub setup: Vec<String>,
-    #[serde(flatten)]
-    pub defaults: Resources,
-    /// Per-phase overrides, keyed by phase name (train-private, cluster,
-    /// train-library, link, eval, eval-oracle).
-    pub phases: BTreeMap<String, Resources>,
-}
-
-impl TryFrom<toml::Table> for SlurmSection {
-    type Error = String;
-
-    fn try_from(mut t: toml::Table) -> std::result::Result<Self, String> {
-        fn field<T: serde::de::DeserializeOwned>(
-            t: &mut toml::Table,
-            key: &str,
-        ) -> std::result::Result<Option<T>, String> {
-            t.remove(key)
-                .map(|v| v.try_into().map_err(|e| format!("[slurm] {key}: {e}")))
-                .transpose()
+    for line in s
+        .defaults
+        .extra
+        .iter()
+        .chain(s.phases.values().flat_map(|r| &r.extra))
+    {
+        if line.contains('\n') {
+            bail!("{origin}: [slurm] extra: one sbatch option per entry, without newlines");
         }
-        Ok(SlurmSection {
-            quiver: field(&mut t, "quiver")?,
-            poll_seconds: field(&mut t, "poll_seconds")?,
-            setup: field(&mut t, "setup")?.unwrap_or_default(),
-            phases: field(&mut t, "phases")?.unwrap_or_default(),
-            defaults: toml::Value::Table(t)
-                .try_into()
-                .map_err(|e| format!("[slurm]: {e}"))?,
-        })
     }
+    Ok(())
 }
 
-impl SlurmSection {
-    pub fn validate(&self, origin: &str) -> Result<()> {
-        for name in self.phases.keys() {
-            if !Phase::ALL.iter().any(|p| p.name() == name) {
-                bail!(
-                    "{origin}: [slurm.phases.{name}]: no such phase (phases: {})",
-                    Phase::ALL.map(|p| p.name()).join(", ")
-                );
-            }
-        }
-        for line in self
-            .defaults
-            .extra
-            .iter()
-            .chain(self.phases.values().flat_map(|r| &r.extra))
-        {
-            if line.contains('\n') {
-                bail!("{origin}: [slurm] extra: one sbatch option per entry, without newlines");
-            }
-        }
-        Ok(())
-    }
-
-    fn resources(&self, phase: Phase) -> Resources {
-        match self.phases.get(phase.name()) {
-            Some(r) => r.or(&self.defaults),
-            None => self.defaults.clone(),
-        }
+/// A phase's resources: `[slurm.phases.PHASE]` over `[slurm]`.
+fn resources(s: &SlurmSection, phase: Phase) -> Resources {
+    match s.phases.get(phase.name()) {
+        Some(r) => r.or(&s.defaults),
+        None => s.defaults.clone(),
     }
 }
 
@@ -191,7 +113,7 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 fn script(s: &Submit, phase: Phase, indices: &[usize]) -> Result<String> {
     let cfg = s.ctx.cfg;
     let out = absolute(s.ctx.out)?;
-    let r = cfg.slurm.resources(phase);
+    let r = resources(&cfg.slurm, phase);
     let mut t = String::from("#!/bin/bash\n");
     let mut opt = |o: String| t.push_str(&format!("#SBATCH {o}\n"));
     opt(format!("--job-name=quiver-{}-{}", cfg.name, phase.name()));
@@ -738,16 +660,15 @@ mod tests {
             "cpus = 2\nmem = \"4G\"\nextra = [\"--account=lab\"]\n[phases.eval]\ntime = \"01:00:00\"\ncpus = 4\nextra = [\"--qos=low\"]\n",
         )
         .unwrap();
-        s.validate("t").unwrap();
-        let r = s.resources(Phase::Eval);
+        validate(&s, "t").unwrap();
+        let r = resources(&s, Phase::Eval);
         assert_eq!(r.cpus, Some(4));
         assert_eq!(r.mem.as_deref(), Some("4G"));
         assert_eq!(r.time.as_deref(), Some("01:00:00"));
         assert_eq!(r.extra, vec!["--account=lab", "--qos=low"]);
-        assert_eq!(s.resources(Phase::Cluster).cpus, Some(2));
+        assert_eq!(resources(&s, Phase::Cluster).cpus, Some(2));
         let bad: SlurmSection = toml::from_str("[phases.evl]\ncpus = 1\n").unwrap();
-        assert!(bad
-            .validate("t")
+        assert!(validate(&bad, "t")
             .unwrap_err()
             .to_string()
             .contains("no such phase"));
