@@ -156,12 +156,17 @@ fn fixture_requests_are_quivers_prompts() {
             argmax(&normed),
             item["lmeval_acc_norm_pick"].as_u64().unwrap() as usize
         );
-        if ex.scored_suffix.is_none() {
-            // lm-eval's acc_norm divides by the characters of the
-            // continuation, as Quiver's acc_char.
-            let chars: Vec<usize> = texts.iter().map(|(_, x)| x.chars().count()).collect();
-            assert_eq!(lens, chars, "{}", ex.task);
-        }
+        // lm-eval's acc_norm divides by the characters of the continuation,
+        // or under partial scoring of each option's context, as Quiver's
+        // acc_char.
+        let chars: Vec<usize> = texts
+            .iter()
+            .map(|(c, x)| match ex.scored_suffix {
+                Some(_) => c.chars().count(),
+                None => x.chars().count(),
+            })
+            .collect();
+        assert_eq!(lens, chars, "{}", ex.task);
     }
     assert!(
         partial > 0,
@@ -266,21 +271,13 @@ fn quiver_eval_matches_lmeval() {
             let lens = usizes(&item["lmeval_acc_norm_lengths"]);
             let normed: Vec<f64> = q.iter().zip(&lens).map(|(l, n)| l / *n as f64).collect();
             assert_eq!(argmax(&normed), norm_pick, "{t} item {k}: acc_norm pick");
-            if item["scored_suffix"].is_null() {
-                // Quiver's acc_char is lm-eval's acc_norm.
-                assert_eq!(
-                    c["pred_norm_chars"].as_u64(),
-                    Some(norm_pick as u64),
-                    "{t} item {k}: acc_char pick"
-                );
-            } else {
-                // One shared suffix: per character is per total.
-                assert_eq!(
-                    c["pred_norm_chars"].as_u64(),
-                    Some(acc_pick as u64),
-                    "{t} item {k}"
-                );
-            }
+            // Quiver's acc_char is lm-eval's acc_norm, partial scoring included.
+            assert_eq!(
+                c["pred_norm_chars"].as_u64(),
+                Some(norm_pick as u64),
+                "{t} item {k}: acc_char pick"
+            );
+            assert_eq!(usizes(&c["chars"]), lens, "{t} item {k}: characters");
         }
     }
     let mean = per_token.iter().sum::<f64>() / per_token.len() as f64;

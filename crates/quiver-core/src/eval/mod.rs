@@ -376,7 +376,9 @@ pub struct ChoiceScores {
     pub pred: usize,
     /// Option with the highest mean log-probability per token.
     pub pred_norm: usize,
-    /// Characters of each option's scored continuation.
+    /// Characters of each option's scored continuation (under partial
+    /// scoring, of each option's context: the part that differs, as
+    /// lm-evaluation-harness counts it).
     pub chars: Vec<usize>,
     /// Option with the highest log-probability per character: what
     /// lm-evaluation-harness calls `acc_norm` (Quiver's `acc_norm`, the
@@ -389,7 +391,16 @@ pub struct ChoiceScores {
 pub fn score_choices(model: &Llama, tok: &Tokenizer, ex: &Example) -> Result<ChoiceScores> {
     let texts = option_texts(ex)?;
     let pairs = encode_texts(tok, &texts)?;
-    let chars: Vec<usize> = texts.iter().map(|(_, x)| x.chars().count()).collect();
+    // lm-evaluation-harness divides by the characters of what differs
+    // between options: the continuation, or under partial scoring (one
+    // context per option, a shared suffix) each option's context.
+    let chars: Vec<usize> = texts
+        .iter()
+        .map(|(c, x)| match ex.scored_suffix {
+            Some(_) => c.chars().count(),
+            None => x.chars().count(),
+        })
+        .collect();
     let mut groups: Vec<(Vec<u32>, Vec<usize>)> = Vec::new();
     let mut index: HashMap<Vec<u32>, usize> = HashMap::new();
     for (i, (ctx, _)) in pairs.iter().enumerate() {
