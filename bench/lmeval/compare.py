@@ -236,8 +236,8 @@ def main():
     if any(r["partial"] for r in rows):
         print()
         print("* partial scoring (one context per option, shared scored suffix): lm-eval's acc_norm divides")
-        print("  by the length of each option's *context* (its multiple-input convention), Quiver's acc_char")
-        print("  by the scored suffix's (the same for every option, so acc_char == acc there).")
+        print("  by the length of each option's *context* (its multiple-input convention), and so does")
+        print("  Quiver's acc_char.")
     for rec, dis in listings:
         print()
         if not rec["disagreements"]:

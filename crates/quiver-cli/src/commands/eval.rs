@@ -20,9 +20,10 @@ use crate::flags::{GlobalArgs, ModelArgs};
 #[command(
     after_help = "Multiple choice: `acc_norm` (the score, the paper's metric) picks the option with the \
 highest log-probability per token; `acc` the highest total; `acc_char` (`acc_norm_chars` in --json) \
-the highest per character of the scored continuation, which is what lm-evaluation-harness calls \
-`acc_norm`: compare published lm-eval numbers with acc_char. --predictions records each option's \
-tokens and characters and all three picks."
+the highest per character of the scored continuation (under partial scoring, WinoGrande, of each \
+option's context), which is what lm-evaluation-harness calls `acc_norm`: compare published lm-eval \
+numbers with acc_char. --predictions records each item's doc_id, each option's tokens and \
+characters and all three picks."
 )]
 pub struct EvalArgs {
     #[command(flatten)]
