@@ -101,6 +101,17 @@ pub enum ClusterKind {
     OtherEmbed,
 }
 
+impl ClusterKind {
+    /// The clustering a cluster library (MBC or random) is trained from.
+    fn of(lib: Lib) -> ClusterKind {
+        if lib == Lib::Mbc {
+            ClusterKind::Mbc
+        } else {
+            ClusterKind::Random
+        }
+    }
+}
+
 /// What a unit needs besides the config: the output directory and which
 /// held-out inputs occur in library tasks.
 pub struct Ctx<'a> {
@@ -499,12 +510,7 @@ pub fn train_step(ctx: &Ctx, unit: &Unit) -> Result<Option<Step>> {
             }
         }
         Unit::TrainCluster(lib, i) => {
-            let kind = if *lib == Lib::Mbc {
-                ClusterKind::Mbc
-            } else {
-                ClusterKind::Random
-            };
-            let file = cluster_file(out, kind, cfg);
+            let file = cluster_file(out, ClusterKind::of(*lib), cfg);
             let Some(names) = cluster_names(&file)? else {
                 bail!("{} is missing: run phase cluster first", file.display());
             };
@@ -575,12 +581,7 @@ pub fn is_done(ctx: &Ctx, unit: &Unit) -> Result<bool> {
         Unit::TrainPrivate(t) => has_expert(cfg, out, Lib::Private, &expert_name_for_task(t))?,
         Unit::Cluster(kind) => cluster_file(out, *kind, cfg).exists(),
         Unit::TrainCluster(lib, i) => {
-            let kind = if *lib == Lib::Mbc {
-                ClusterKind::Mbc
-            } else {
-                ClusterKind::Random
-            };
-            match cluster_names(&cluster_file(out, kind, cfg))? {
+            match cluster_names(&cluster_file(out, ClusterKind::of(*lib), cfg))? {
                 None => false,
                 Some(names) => match names.get(*i) {
                     None => true,
