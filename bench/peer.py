@@ -6,7 +6,8 @@
 Measures, on a local Hugging Face directory (never the hub):
   train     one LoRA step (forward + backward + AdamW) on 8 x 128 random tokens,
             LoRA r=4, alpha=16, dropout=0.05 on q,k,v,o,gate,up,down
-  score     no-grad batched forward of 8 x 128 tokens, full logits (base model)
+  score     no-grad batched forward of 8 x 128 tokens, full logits (base model);
+            again under torch.autocast("cpu", bfloat16) as "score_bf16"
   generate  greedy KV-cached generation, batch 1, 16-token prompt, 64 new tokens
   arrow     PEFT Arrow routing (create_arrow_model) over 8 and 64 random LoRA
             experts (r=4, q,k,v,o), top_k=4, temperature 1.0; 8 x 128 forward
@@ -267,6 +268,31 @@ def bench_score(model_dir: str, warmup: int, repeats: int) -> dict:
     return res
 
 
+def bench_score_bf16(model_dir: str, warmup: int, repeats: int) -> dict:
+    """The score workload under CPU autocast to bfloat16 (the weights stay f32,
+    matrix products run in bf16: oneDNN's AVX512-BF16/AMX kernels where the CPU
+    has them)."""
+    model = load_model(model_dir)
+    ids = random_ids(vocab_size(model), BATCH, SEQ_LEN, SEED + 1)
+
+    @torch.inference_mode()
+    def fwd():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(input_ids=ids, use_cache=False).logits
+
+    t = timed(fwd, warmup, repeats, "score_bf16")
+    res = {
+        "tokens_per_s": BATCH * SEQ_LEN / t["median_s"],
+        "best_tokens_per_s": BATCH * SEQ_LEN / t["min_s"],
+        "batch": BATCH,
+        "seq_len": SEQ_LEN,
+        "forward_s": t["median_s"],
+        "timing": t,
+    }
+    del model
+    return res
+
+
 def bench_generate(model_dir: str, warmup: int, repeats: int) -> dict:
     model = load_model(model_dir)
     prompt = random_ids(vocab_size(model), 1, PROMPT_LEN, SEED + 2)
@@ -489,6 +515,8 @@ def main() -> int:
             continue
         with Phase(name) as ph:
             result[name] = fns[name](args.model, *plan[name])
+            if name == "score":
+                result["score_bf16"] = bench_score_bf16(args.model, *plan[name])
         gc.collect()
         memory[name] = ph.info()
     memory["note"] = (

@@ -2,6 +2,7 @@
 # Item-by-item comparison of `quiver eval` with lm-evaluation-harness (lm_eval).
 #
 #   bash bench/lmeval/run.sh [--limit N] [--seed S] [--threads N] [--adapter DIR]
+#                            [--library LIB --expert NAME] [--quantize q8_0|q4_1]
 #                            [--model M] [--out DIR] [--skip-lmeval] [--skip-quiver] TASK...
 #
 # TASK: any olmo multiple-choice task (`quiver data tasks --source olmo`), e.g.
@@ -23,6 +24,13 @@
 #
 # --adapter DIR: a PEFT LoRA directory, applied on both sides (quiver
 # --adapter, lm_eval peft=DIR).
+# --library LIB --expert NAME: an expert of a Quiver library (a directory or
+# s3://...): Quiver routes to it (`--route expert:NAME`), lm_eval loads the
+# PEFT directory `quiver library export` writes of it (peft=OUT/expert-NAME).
+# --quantize Q: a third side, `quiver eval --quantize Q --quantize-rows all`
+# (8-bit products for the whole batch) on the same items; quantized.py then
+# prints its paired differences from Quiver's f32 run (95% bootstrap CI,
+# McNemar's p) and both speeds (OUT/quantized.txt, OUT/quantized.json).
 # Environment: QUIVER (the quiver binary; default target/release/quiver),
 # LMEVAL_PYTHON (use this interpreter instead of bench/lmeval/.venv),
 # LMEVAL_BASE_SITE (a site-packages directory, e.g. of an existing venv with
@@ -38,6 +46,9 @@ limit=100
 seed=0
 threads=2
 adapter=""
+library=""
+expert=""
+quantize=""
 model="smollm2-135m"
 out="$HERE/out"
 skip_lmeval=0
@@ -49,6 +60,9 @@ while [ $# -gt 0 ]; do
     --seed) seed="$2"; shift ;;
     --threads) threads="$2"; shift ;;
     --adapter) adapter="$(cd "$2" && pwd)"; shift ;;
+    --library) library="$2"; shift ;;
+    --expert) expert="$2"; shift ;;
+    --quantize) quantize="$2"; shift ;;
     --model) model="$2"; shift ;;
     --out) out="$2"; shift ;;
     --skip-lmeval) skip_lmeval=1 ;;
@@ -60,6 +74,8 @@ while [ $# -gt 0 ]; do
   shift
 done
 [ ${#tasks[@]} -gt 0 ] || tasks=(arc_easy piqa)
+if [ -n "$expert" ] && [ -z "$library" ]; then echo "run.sh: --expert needs --library" >&2; exit 2; fi
+if [ -n "$expert" ] && [ -n "$adapter" ]; then echo "run.sh: --adapter and --expert exclude each other" >&2; exit 2; fi
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 say() { printf '\n== %s\n' "$*" >&2; }
@@ -116,6 +132,14 @@ peft=""
 if [ -n "$adapter" ]; then
   qadapter=(--adapter "$adapter" --allow-base-mismatch)
   peft=",peft=$adapter"
+elif [ -n "$expert" ]; then
+  # The model is the `quiver convert` copy, whose fingerprint is not the
+  # one the expert recorded: the same weights, hence --allow-base-mismatch.
+  qadapter=(--library "$library" --route "expert:$expert" --allow-base-mismatch)
+  exported="$out/expert-$(echo "$expert" | tr -c 'A-Za-z0-9_.\n-' _)"
+  rm -rf "$exported"
+  "$QUIVER" library -q --library "$library" export "$expert" "$exported"
+  peft=",peft=$exported"
 fi
 
 # 4. Both sides, per task, one after the other.
@@ -125,6 +149,13 @@ for n in $names; do
     RAYON_NUM_THREADS="$threads" timed "$out/quiver_$n.wall" \
       "$QUIVER" eval -q --model "$hf" "${qadapter[@]}" --data "$out/items.jsonl" --tasks "$n" \
       --split all --mode mc --predictions "$out/quiver_$n.jsonl" --json "$out/quiver_$n.json"
+    if [ -n "$quantize" ]; then
+      say "quiver eval $n --quantize $quantize --quantize-rows all"
+      RAYON_NUM_THREADS="$threads" timed "$out/quiverq_$n.wall" \
+        "$QUIVER" eval -q --model "$hf" "${qadapter[@]}" --quantize "$quantize" --quantize-rows all \
+        --data "$out/items.jsonl" --tasks "$n" --split all --mode mc \
+        --predictions "$out/quiverq_$n.jsonl" --json "$out/quiverq_$n.json"
+    fi
   fi
   if [ "$skip_lmeval" = 0 ]; then
     say "lm_eval $n"
@@ -142,4 +173,9 @@ from lm_eval.__main__ import cli_evaluate; cli_evaluate()' "$threads" \
 done
 
 # 5. Comparison.
-"$PY" "$HERE/compare.py" "$out" --threads "$threads" | tee "$out/compare.txt"
+if [ "$skip_lmeval" = 0 ] || ls "$out"/lmeval_*/ >/dev/null 2>&1; then
+  "$PY" "$HERE/compare.py" "$out" --threads "$threads" | tee "$out/compare.txt"
+fi
+if [ -n "$quantize" ]; then
+  "$PY" "$HERE/quantized.py" "$out" --quantize "$quantize" | tee "$out/quantized.txt"
+fi

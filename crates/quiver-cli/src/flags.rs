@@ -37,9 +37,31 @@ pub struct ModelArgs {
     /// differ slightly from f32). `q4_1`: the same with 4 bits per weight, as SmolLM2's
     /// GGUF file stores them (about 4x faster; coarser on models that were not 4-bit
     /// already). Longer inputs (batched scoring) and training keep the full-precision
-    /// weights. `none` (default) is exact.
+    /// weights unless --quantize-rows says otherwise. `none` (default) is exact.
     #[arg(long, value_enum, default_value_t = QuantizeArg::None)]
     pub quantize: QuantizeArg,
+    /// With --quantize: inputs of up to this many tokens use the quantized weights.
+    /// `16` (default) is decoding and short prompts; `all` (or a larger number) also
+    /// batched scoring and prefill, where q8_0 multiplies 8-bit weights by 8-bit
+    /// activations on the widest instructions the CPU has (AVX512-VNNI or AVX-VNNI,
+    /// else AVX2), detected at run time. Scores then differ slightly from f32 (well
+    /// inside the paired noise of an evaluation; bench/README). A CPU without those
+    /// instructions keeps longer inputs in f32 and says so. Training always runs in f32.
+    #[arg(long, value_parser = parse_rows_arg, default_value = "16", value_name = "N|all")]
+    pub quantize_rows: usize,
+}
+
+/// Parses `--quantize-rows`: a positive number or `all`.
+pub fn parse_rows_arg(s: &str) -> Result<usize, String> {
+    match s {
+        "all" => Ok(usize::MAX),
+        _ => match s.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!(
+                "`{s}` is not a row count: expected a positive number or `all`"
+            )),
+        },
+    }
 }
 
 /// `--device`: where a model runs.

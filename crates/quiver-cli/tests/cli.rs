@@ -312,3 +312,27 @@ fn real_model_scores_match_numpy_reference() {
         assert!((got - want).abs() <= 0.05, "{cont}: {got} vs {want}");
     }
 }
+
+/// `--quantize-rows` beyond the default needs quantized weights; a bad
+/// count is refused by name.
+#[test]
+fn quantize_rows_needs_quantize() {
+    assert_clean_error(
+        quiver().args([
+            "score",
+            "--model",
+            "smollm2-135m",
+            "--quantize-rows",
+            "all",
+            "--context",
+            "a",
+            "--continuation",
+            "b",
+        ]),
+        &["--quantize-rows all needs --quantize"],
+    );
+    assert_clean_error(
+        quiver().args(["score", "--quantize-rows", "0", "--context", "a", "--continuation", "b"]),
+        &["`0` is not a row count"],
+    );
+}

@@ -132,6 +132,24 @@ fn main() -> anyhow::Result<()> {
         });
         out["score"] = serde_json::json!({"tokens_per_s": (b_sz * seq_len) as f64 / t, "batch": b_sz, "seq_len": seq_len});
         eprintln!("score: {:.0} tokens/s", (b_sz * seq_len) as f64 / t);
+        // The same forward on 8-bit weights and activations for every input
+        // (`--quantize q8_0 --quantize-rows all`).
+        let mut qm = lm.model.clone();
+        let n = qm.quantize(candle_core::quantized::GgmlDType::Q8_0)?;
+        qm.set_quantized_max_rows(usize::MAX);
+        let kernel = quiver_core::kernels::q8::DotKernel::detect();
+        let t = time_median(reps, || {
+            qm.forward(&ids, None).expect("forward");
+        });
+        out["score_q8"] = serde_json::json!({
+            "tokens_per_s": (b_sz * seq_len) as f64 / t, "batch": b_sz, "seq_len": seq_len,
+            "quantized_layers": n, "kernel": kernel.name(),
+        });
+        eprintln!(
+            "score (Q8_0, {}): {:.0} tokens/s",
+            kernel.name(),
+            (b_sz * seq_len) as f64 / t
+        );
     }
 
     if args.sections.iter().any(|s| s == "generate") {

@@ -51,3 +51,76 @@ fn matmul_equals_the_dequantized_product() {
         }
     }
 }
+
+/// The tiled product (two or more rows) on every kernel this CPU has
+/// equals the plain reference: the dequantized weights times the 8-bit
+/// activations, for odd row counts and padded weight groups; the SIMD
+/// kernels agree with each other to the last bit (same integer sums,
+/// same float operations).
+#[test]
+fn tiled_product_equals_the_reference_on_every_kernel() {
+    let kernels = [DotKernel::Avx2, DotKernel::AvxVnni, DotKernel::Avx512Vnni];
+    let have: Vec<DotKernel> = kernels.into_iter().filter(|k| k.available()).collect();
+    for k in kernels.iter().filter(|k| !have.contains(k)) {
+        eprintln!(
+            "tiled Q8_0 product: this CPU lacks {}, not tested here",
+            k.name()
+        );
+    }
+    for (rows, cols, n) in [(9, 64, 2), (37, 96, 5), (8, 576, 33)] {
+        let w = values(rows * cols, 4);
+        let x: Vec<f32> = values(n * cols, 5).iter().map(|v| v * 3.0).collect();
+        let q = Q8Matrix::quantize(&w, rows, cols).unwrap();
+        let wd = q.dequantize();
+        let mut outs = Vec::new();
+        for &k in have.iter().chain([&DotKernel::Portable]) {
+            let mut y = vec![f32::NAN; n * rows];
+            q.matmul_with(k, &x, n, &mut y);
+            for t in 0..n {
+                let xr = quantize_row(&x[t * cols..(t + 1) * cols]);
+                for r in 0..rows {
+                    let want: f64 = (0..cols)
+                        .map(|c| wd[r * cols + c] as f64 * xr.q[c] as f64 * xr.d[c / BLOCK] as f64)
+                        .sum();
+                    let got = y[t * rows + r] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{} ({rows}x{cols}, {n} rows): row {t} out {r}: {got} vs {want}",
+                        k.name()
+                    );
+                }
+            }
+            if k != DotKernel::Portable {
+                outs.push((k, y));
+            }
+        }
+        for (k, y) in &outs[1.min(outs.len())..] {
+            assert_eq!(y, &outs[0].1, "{} vs {}", k.name(), outs[0].0.name());
+        }
+    }
+}
+
+/// A kernel the CPU lacks is never run: `matmul_with` falls back to the
+/// detected one and gives its numbers.
+#[test]
+fn a_missing_kernel_falls_back_to_the_detected_one() {
+    let (rows, cols, n) = (12, 64, 4);
+    let w = values(rows * cols, 6);
+    let x = values(n * cols, 7);
+    let q = Q8Matrix::quantize(&w, rows, cols).unwrap();
+    let mut want = vec![0f32; n * rows];
+    q.matmul(&x, n, &mut want);
+    for k in [DotKernel::Avx2, DotKernel::AvxVnni, DotKernel::Avx512Vnni] {
+        let mut y = vec![0f32; n * rows];
+        q.matmul_with(k, &x, n, &mut y);
+        if !k.available() {
+            assert_eq!(
+                y,
+                want,
+                "{} is missing here: the detected kernel's numbers",
+                k.name()
+            );
+        }
+    }
+    assert!(DotKernel::detect().available());
+}
