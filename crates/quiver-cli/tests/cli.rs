@@ -332,7 +332,15 @@ fn quantize_rows_needs_quantize() {
         &["--quantize-rows all needs --quantize"],
     );
     assert_clean_error(
-        quiver().args(["score", "--quantize-rows", "0", "--context", "a", "--continuation", "b"]),
+        quiver().args([
+            "score",
+            "--quantize-rows",
+            "0",
+            "--context",
+            "a",
+            "--continuation",
+            "b",
+        ]),
         &["`0` is not a row count"],
     );
 }

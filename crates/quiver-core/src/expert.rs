@@ -254,10 +254,8 @@ impl Expert {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-        let tmp = tempfile::Builder::new()
-            .prefix(".expert-")
-            .tempdir_in(&parent)
-            .map_err(|e| Error::io(&parent, e))?;
+        let tmp =
+            crate::fsutil::temp_dir_in(&parent, ".expert-").map_err(|e| Error::io(&parent, e))?;
         self.write_files(tmp.path())?;
         let tmp_path = tmp.keep();
         std::fs::rename(&tmp_path, dir).map_err(|e| Error::io(dir, e))?;

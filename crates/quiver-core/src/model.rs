@@ -201,10 +201,8 @@ pub fn write_hf_dir(model: &Llama, tokenizer: &Tokenizer, out: &Path) -> Result<
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".convert-")
-        .tempdir_in(&parent)
-        .map_err(|e| Error::io(&parent, e))?;
+    let tmp =
+        crate::fsutil::temp_dir_in(&parent, ".convert-").map_err(|e| Error::io(&parent, e))?;
     let write_json = |name: &str, v: &serde_json::Value| -> Result<()> {
         let p = tmp.path().join(name);
         let text = serde_json::to_string_pretty(v).expect("json serialises");

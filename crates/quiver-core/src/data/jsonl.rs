@@ -150,10 +150,8 @@ pub fn write_jsonl(path: &Path, examples: &[Example]) -> Result<()> {
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".quiver-jsonl-")
-        .tempfile_in(&dir)
-        .map_err(|e| Error::io(&dir, e))?;
+    let tmp =
+        crate::fsutil::temp_file_in(&dir, ".quiver-jsonl-").map_err(|e| Error::io(&dir, e))?;
     {
         let file = tmp.as_file().try_clone().map_err(|e| Error::io(path, e))?;
         let mut w: Box<dyn Write> = if is_gz(path) {

@@ -792,9 +792,7 @@ impl ExpertLibrary {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent).map_err(|e| LibraryError::Core(Error::io(parent, e)))?;
-        let tmp = tempfile::Builder::new()
-            .prefix(".export-")
-            .tempdir_in(parent)
+        let tmp = crate::fsutil::temp_dir_in(parent, ".export-")
             .map_err(|e| LibraryError::Core(Error::io(parent, e)))?;
         for (file, bytes) in &files {
             let p = tmp.path().join(file);
