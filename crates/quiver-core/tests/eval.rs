@@ -8,8 +8,8 @@ use candle_core::{DType, Device};
 use common::fixture;
 use quiver_core::data::{is_bbh, is_held_out, Example};
 use quiver_core::eval::{
-    self, evaluate_task, generate_answer, option_pairs, score_choices, subsample, EvalMode,
-    EvalOptions, EvalSplit, EvalTask,
+    self, evaluate_task, generate_answer, option_pairs, score_choices, score_choices_batch,
+    subsample, EvalMode, EvalOptions, EvalSplit, EvalTask,
 };
 use quiver_core::generate::{generate, SamplingParams};
 use quiver_core::model::{load_source, ModelSource};
@@ -83,6 +83,65 @@ fn shared_context_scores_equal_full_sequence_scores() {
             })
             .unwrap();
         assert_eq!(got.pred_norm, best_norm);
+    }
+}
+
+/// Contexts batched together (right-padded, sorted by length, several
+/// batches) score what one item at a time scores: every option of
+/// examples with one- and many-token options, shared and partial contexts,
+/// and contexts of very different lengths.
+#[test]
+fn batched_contexts_score_as_one_at_a_time() {
+    let lm = tiny();
+    let rest = " went to the market.";
+    let mut examples = vec![
+        mc("t", "Yes or no?", &[" yes", " no"], 0),
+        Example {
+            scored_suffix: Some(rest.into()),
+            ..mc(
+                "winogrande:validation",
+                "Anna helped Bea so",
+                &[&format!("Anna{rest}"), &format!("Bea{rest}")],
+                0,
+            )
+        },
+    ];
+    for i in 0..9 {
+        let words = "the quick brown fox jumps over the lazy dog ".repeat(i + 1);
+        examples.push(mc(
+            "t",
+            &format!("Question {i}: {words}?\nAnswer:"),
+            &[
+                "a long answer with several words",
+                "no",
+                "maybe so, in the end",
+            ],
+            i % 3,
+        ));
+    }
+    let one: Vec<_> = examples
+        .iter()
+        .map(|ex| score_choices(&lm.model, &lm.tokenizer, ex).unwrap())
+        .collect();
+    // 64 tokens a batch: several batches of several rows, and contexts
+    // longer than a batch alone.
+    for budget in [64, 4096] {
+        let many = score_choices_batch(&lm.model, &lm.tokenizer, &examples, budget).unwrap();
+        assert_eq!(many.len(), one.len());
+        for (e, (m, o)) in many.iter().zip(&one).enumerate() {
+            assert_eq!(m.tokens, o.tokens, "example {e}");
+            assert_eq!(m.chars, o.chars, "example {e}");
+            for (a, b) in m.logprobs.iter().zip(&o.logprobs) {
+                assert!(
+                    (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                    "budget {budget}, example {e}: {a} vs {b}"
+                );
+            }
+            assert_eq!(
+                (m.pred, m.pred_norm, m.pred_norm_chars),
+                (o.pred, o.pred_norm, o.pred_norm_chars)
+            );
+        }
     }
 }
 

@@ -78,6 +78,13 @@ pub struct EvalArgs {
     /// scored tokens, options' padding included; see RESULTS.md's routing diagnostics).
     #[arg(long, value_name = "FILE")]
     pub routing_summary: Option<PathBuf>,
+    /// Multiple choice: context tokens (rows x padded length) scored in one forward.
+    /// Contexts of similar length run together, right-padded, each continuing with its
+    /// own options from its own cache; `1` scores one item at a time (what
+    /// --routing-summary uses, so that padding is never routed or counted). The scores
+    /// are the same either way, to float rounding.
+    #[arg(long, default_value_t = quiver_core::eval::CONTEXT_BATCH_TOKENS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub batch_tokens: usize,
 }
 
 /// `--split`: the parsed split and how the user wrote it (the report keeps
@@ -133,6 +140,11 @@ pub fn evaluate(g: &GlobalArgs, a: &EvalArgs) -> Result<EvalReport> {
         seed: a.seed,
         mode: a.mode.mode(),
         max_new_tokens: a.max_new_tokens,
+        batch_tokens: if a.routing_summary.is_some() {
+            1
+        } else {
+            a.batch_tokens
+        },
     };
     let home = quiver_core::assets::quiver_home();
     let mut tasks =

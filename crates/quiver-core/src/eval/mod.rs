@@ -23,7 +23,7 @@ pub mod plot;
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, IndexOp, Tensor};
+use candle_core::{DType, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
@@ -33,7 +33,7 @@ use crate::data::{
 };
 use crate::error::{Error, Result};
 use crate::generate::argmax;
-use crate::models::Llama;
+use crate::models::{KvCache, Llama};
 use crate::ops;
 use crate::score::encode_pair;
 use crate::tokenizer::Tokenizer;
@@ -305,33 +305,103 @@ fn option_texts(ex: &Example) -> Result<Vec<(String, String)>> {
 /// the output layer. A context too long for the model keeps its last
 /// tokens (as lm-evaluation-harness does).
 pub fn score_continuations(model: &Llama, context: &[u32], conts: &[Vec<u32>]) -> Result<Vec<f64>> {
+    let job = (context.to_vec(), conts.to_vec());
+    Ok(score_contexts(model, std::slice::from_ref(&job), 1)?.remove(0))
+}
+
+/// Context tokens (rows x padded length) [`evaluate_task`] scores in one
+/// forward by default ([`EvalOptions::batch_tokens`]).
+pub const CONTEXT_BATCH_TOKENS: usize = 4096;
+
+/// [`score_continuations`] for many `(context, continuations)` groups:
+/// contexts sorted by length run `batch_tokens` tokens at a time as one
+/// right-padded batch (a causal model's positions never see the padding
+/// after them), each row's last position gives its continuations' first
+/// token, and each row's cache, cut to its own length, continues with its
+/// continuations as in [`score_continuations`]. `batch_tokens <= 1` runs
+/// one context at a time. The result is in the order of `jobs`.
+pub fn score_contexts(
+    model: &Llama,
+    jobs: &[(Vec<u32>, Vec<Vec<u32>>)],
+    batch_tokens: usize,
+) -> Result<Vec<Vec<f64>>> {
     let max = model.config().max_position_embeddings;
-    let longest = conts.iter().map(Vec::len).max().unwrap_or(0);
-    if context.is_empty() || conts.iter().any(Vec::is_empty) {
-        return Err(Error::invalid(
-            "every scored item needs a non-empty context and continuation",
-        ));
+    let mut contexts = Vec::with_capacity(jobs.len());
+    for (context, conts) in jobs {
+        if context.is_empty() || conts.is_empty() || conts.iter().any(Vec::is_empty) {
+            return Err(Error::invalid(
+                "every scored item needs a non-empty context and continuation",
+            ));
+        }
+        let longest = conts.iter().map(Vec::len).max().unwrap_or(0);
+        if longest >= max {
+            return Err(Error::ContextTooLong {
+                tokens: longest + 1,
+                max,
+            });
+        }
+        contexts.push(&context[context.len().saturating_sub(max - longest)..]);
     }
-    if longest >= max {
-        return Err(Error::ContextTooLong {
-            tokens: longest + 1,
-            max,
-        });
-    }
-    let context = &context[context.len().saturating_sub(max - longest)..];
+    let mut order: Vec<usize> = (0..jobs.len()).collect();
+    order.sort_by_key(|&j| contexts[j].len());
     let device = model.device();
-    let mut cache = model.new_cache();
-    let input = Tensor::new(context, device)?.unsqueeze(0)?;
-    let hidden = model.forward_hidden(&input, Some(&mut cache))?;
-    let last = hidden.i((0, context.len() - 1..context.len()))?;
-    let first = ops::log_softmax_last_dim(&model.logits(&last)?.to_dtype(DType::F32)?)?
-        .squeeze(0)?
-        .to_vec1::<f32>()?;
-    let mut out: Vec<f64> = conts.iter().map(|c| first[c[0] as usize] as f64).collect();
-    let width = longest - 1;
-    if width == 0 {
-        return Ok(out);
+    let mut out = vec![Vec::new(); jobs.len()];
+    let mut start = 0;
+    while start < order.len() {
+        // Ascending lengths: the batch's last context is its longest.
+        let mut end = start + 1;
+        while end < order.len() && (end - start + 1) * contexts[order[end]].len() <= batch_tokens {
+            end += 1;
+        }
+        let batch = &order[start..end];
+        let width = contexts[order[end - 1]].len();
+        let mut ids = Vec::with_capacity(batch.len() * width);
+        let mut last = Vec::with_capacity(batch.len());
+        for (r, &j) in batch.iter().enumerate() {
+            ids.extend_from_slice(contexts[j]);
+            ids.resize((r + 1) * width, 0);
+            last.push((r * width + contexts[j].len() - 1) as u32);
+        }
+        let mut cache = model.new_cache();
+        let input = Tensor::from_vec(ids, (batch.len(), width), device)?;
+        let hidden = model.forward_hidden(&input, Some(&mut cache))?;
+        let d = hidden.dim(2)?;
+        let last = hidden
+            .reshape((batch.len() * width, d))?
+            .index_select(&Tensor::new(last.as_slice(), device)?, 0)?;
+        let first = ops::log_softmax_last_dim(&model.logits(&last)?.to_dtype(DType::F32)?)?
+            .to_vec2::<f32>()?;
+        for (r, &j) in batch.iter().enumerate() {
+            let conts = &jobs[j].1;
+            let mut scores: Vec<f64> = conts
+                .iter()
+                .map(|c| first[r][c[0] as usize] as f64)
+                .collect();
+            if conts.iter().any(|c| c.len() > 1) {
+                let row = if batch.len() == 1 {
+                    cache.clone()
+                } else {
+                    cache.row(r, contexts[j].len())?
+                };
+                continue_scores(model, &row, conts, &mut scores)?;
+            }
+            out[j] = scores;
+        }
+        start = end;
     }
+    Ok(out)
+}
+
+/// Adds to `scores` the log-likelihoods of every continuation's tokens
+/// after its first, run as one batch on copies of a batch-1 `cache`.
+fn continue_scores(
+    model: &Llama,
+    cache: &KvCache,
+    conts: &[Vec<u32>],
+    scores: &mut [f64],
+) -> Result<()> {
+    let device = model.device();
+    let width = conts.iter().map(Vec::len).max().unwrap_or(1) - 1;
     let n = conts.len();
     let mut ids = Vec::with_capacity(n * width);
     let mut rows = Vec::new();
@@ -358,11 +428,11 @@ pub fn score_continuations(model: &Llama, context: &[u32], conts: &[Vec<u32>]) -
     let mut k = 0;
     for (i, c) in conts.iter().enumerate() {
         for _ in 1..c.len() {
-            out[i] += lp[k] as f64;
+            scores[i] += lp[k] as f64;
             k += 1;
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The scores of one multiple-choice example.
@@ -389,50 +459,75 @@ pub struct ChoiceScores {
 /// Scores every option of a multiple-choice example; options that share a
 /// context share its forward pass.
 pub fn score_choices(model: &Llama, tok: &Tokenizer, ex: &Example) -> Result<ChoiceScores> {
-    let texts = option_texts(ex)?;
-    let pairs = encode_texts(tok, &texts)?;
-    // lm-evaluation-harness divides by the characters of what differs
-    // between options: the continuation, or under partial scoring (one
-    // context per option, a shared suffix) each option's context.
-    let chars: Vec<usize> = texts
-        .iter()
-        .map(|(c, x)| match ex.scored_suffix {
-            Some(_) => c.chars().count(),
-            None => x.chars().count(),
-        })
-        .collect();
-    let mut groups: Vec<(Vec<u32>, Vec<usize>)> = Vec::new();
-    let mut index: HashMap<Vec<u32>, usize> = HashMap::new();
-    for (i, (ctx, _)) in pairs.iter().enumerate() {
-        let g = *index.entry(ctx.clone()).or_insert_with(|| {
-            groups.push((ctx.clone(), Vec::new()));
-            groups.len() - 1
-        });
-        groups[g].1.push(i);
+    Ok(score_choices_batch(model, tok, std::slice::from_ref(ex), 1)?.remove(0))
+}
+
+/// [`score_choices`] for many examples, their contexts batched
+/// `batch_tokens` at a time ([`score_contexts`]).
+pub fn score_choices_batch(
+    model: &Llama,
+    tok: &Tokenizer,
+    examples: &[Example],
+    batch_tokens: usize,
+) -> Result<Vec<ChoiceScores>> {
+    // Per example: its options' token pairs, characters, and the groups of
+    // options that share a context (one job each).
+    let mut prepared = Vec::with_capacity(examples.len());
+    let mut jobs: Vec<(Vec<u32>, Vec<Vec<u32>>)> = Vec::new();
+    let mut members: Vec<(usize, Vec<usize>)> = Vec::new();
+    for (e, ex) in examples.iter().enumerate() {
+        let texts = option_texts(ex)?;
+        let pairs = encode_texts(tok, &texts)?;
+        // lm-evaluation-harness divides by the characters of what differs
+        // between options: the continuation, or under partial scoring (one
+        // context per option, a shared suffix) each option's context.
+        let chars: Vec<usize> = texts
+            .iter()
+            .map(|(c, x)| match ex.scored_suffix {
+                Some(_) => c.chars().count(),
+                None => x.chars().count(),
+            })
+            .collect();
+        let mut index: HashMap<&[u32], usize> = HashMap::new();
+        for (i, (ctx, cont)) in pairs.iter().enumerate() {
+            let g = *index.entry(ctx.as_slice()).or_insert_with(|| {
+                jobs.push((ctx.clone(), Vec::new()));
+                members.push((e, Vec::new()));
+                jobs.len() - 1
+            });
+            jobs[g].1.push(cont.clone());
+            members[g].1.push(i);
+        }
+        let tokens: Vec<usize> = pairs.iter().map(|(_, c)| c.len()).collect();
+        prepared.push((tokens, chars));
     }
-    let mut logprobs = vec![0.0; pairs.len()];
-    for (ctx, members) in &groups {
-        let conts: Vec<Vec<u32>> = members.iter().map(|&i| pairs[i].1.clone()).collect();
-        let lps = score_continuations(model, ctx, &conts)?;
-        for (&i, lp) in members.iter().zip(lps) {
-            logprobs[i] = lp;
+    let scored = score_contexts(model, &jobs, batch_tokens)?;
+    let mut logprobs: Vec<Vec<f64>> = prepared.iter().map(|(t, _)| vec![0.0; t.len()]).collect();
+    for ((e, opts), lps) in members.iter().zip(scored) {
+        for (&i, lp) in opts.iter().zip(lps) {
+            logprobs[*e][i] = lp;
         }
     }
-    let tokens: Vec<usize> = pairs.iter().map(|(_, c)| c.len()).collect();
-    let best = |f: &dyn Fn(usize) -> f64| {
-        (0..logprobs.len()).fold(0, |b, i| if f(i) > f(b) { i } else { b })
-    };
-    let pred = best(&|i| logprobs[i]);
-    let pred_norm = best(&|i| logprobs[i] / tokens[i] as f64);
-    let pred_norm_chars = best(&|i| logprobs[i] / chars[i].max(1) as f64);
-    Ok(ChoiceScores {
-        logprobs,
-        tokens,
-        pred,
-        pred_norm,
-        chars,
-        pred_norm_chars,
-    })
+    Ok(prepared
+        .into_iter()
+        .zip(logprobs)
+        .map(|((tokens, chars), logprobs)| {
+            let best = |f: &dyn Fn(usize) -> f64| {
+                (0..logprobs.len()).fold(0, |b, i| if f(i) > f(b) { i } else { b })
+            };
+            let pred = best(&|i| logprobs[i]);
+            let pred_norm = best(&|i| logprobs[i] / tokens[i] as f64);
+            let pred_norm_chars = best(&|i| logprobs[i] / chars[i].max(1) as f64);
+            ChoiceScores {
+                logprobs,
+                tokens,
+                pred,
+                pred_norm,
+                chars,
+                pred_norm_chars,
+            }
+        })
+        .collect())
 }
 
 /// Greedy continuation of `prompt` up to `max_new_tokens`, stopping at end
@@ -543,6 +638,10 @@ pub struct EvalOptions {
     pub mode: Option<EvalMode>,
     /// Generation length for generative tasks.
     pub max_new_tokens: usize,
+    /// Context tokens scored in one forward ([`score_contexts`]); `1`
+    /// scores one item's contexts at a time, which a routing observer
+    /// needs (padding rows would be routed, and counted, too).
+    pub batch_tokens: usize,
 }
 
 impl Default for EvalOptions {
@@ -552,6 +651,7 @@ impl Default for EvalOptions {
             seed: 0,
             mode: None,
             max_new_tokens: 32,
+            batch_tokens: CONTEXT_BATCH_TOKENS,
         }
     }
 }
@@ -582,26 +682,35 @@ pub fn evaluate_task(
         )));
     }
     let mut records = Vec::with_capacity(items.len());
-    for (i, ex) in items.iter().enumerate() {
-        let rec = match mode {
-            EvalMode::MultipleChoice => {
-                let s = score_choices(model, tok, ex)?;
-                let answer = ex.answer.expect("checked multiple choice");
-                ItemRecord {
-                    task: task.name.clone(),
-                    item: i,
-                    doc_id: ex.doc_id,
-                    correct: s.pred_norm == answer,
-                    choices: Some(s),
-                    answer: Some(answer),
-                    prediction: None,
-                    target: None,
-                    rouge_l: None,
+    match mode {
+        EvalMode::MultipleChoice => {
+            // Items a chunk at a time: their contexts batch together, and
+            // progress is still reported as the chunks finish.
+            let per_chunk = (opts.batch_tokens / 64).clamp(1, 64);
+            for (c, chunk) in items.chunks(per_chunk).enumerate() {
+                let scores = score_choices_batch(model, tok, chunk, opts.batch_tokens)?;
+                for (k, (ex, s)) in chunk.iter().zip(scores).enumerate() {
+                    let answer = ex.answer.expect("checked multiple choice");
+                    let rec = ItemRecord {
+                        task: task.name.clone(),
+                        item: c * per_chunk + k,
+                        doc_id: ex.doc_id,
+                        correct: s.pred_norm == answer,
+                        choices: Some(s),
+                        answer: Some(answer),
+                        prediction: None,
+                        target: None,
+                        rouge_l: None,
+                    };
+                    on_item(&rec);
+                    records.push(rec);
                 }
             }
-            EvalMode::Generate => {
+        }
+        EvalMode::Generate => {
+            for (i, ex) in items.iter().enumerate() {
                 let text = generate_answer(model, tok, &ex.source, opts.max_new_tokens)?;
-                ItemRecord {
+                let rec = ItemRecord {
                     task: task.name.clone(),
                     item: i,
                     doc_id: ex.doc_id,
@@ -611,11 +720,11 @@ pub fn evaluate_task(
                     answer: None,
                     prediction: Some(text),
                     target: Some(ex.target.clone()),
-                }
+                };
+                on_item(&rec);
+                records.push(rec);
             }
-        };
-        on_item(&rec);
-        records.push(rec);
+        }
     }
     let hits: Vec<f64> = records.iter().map(|r| r.correct as u8 as f64).collect();
     let (score, stderr) = metrics::mean_stderr(&hits);

@@ -165,6 +165,27 @@ impl KvCache {
             .map(|l| l.k.dims()[0])
     }
 
+    /// Row `b` of a batched cache, its first `len` positions, as a batch-1
+    /// cache: a right-padded batch's sequence without its padding.
+    pub fn row(&self, b: usize, len: usize) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match l {
+                None => Ok(None),
+                Some(l) => {
+                    let (k, v) = l.filled()?;
+                    let (k, v) = (
+                        k.narrow(0, b, 1)?.narrow(2, 0, len)?,
+                        v.narrow(0, b, 1)?.narrow(2, 0, len)?,
+                    );
+                    Ok(Some(LayerKv::with(&k, &v, len)?))
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { layers })
+    }
+
     /// Repeats a batch-1 cache `n` times along the batch dimension.
     pub fn expand_batch(&self, n: usize) -> Result<Self> {
         let layers = self
