@@ -243,18 +243,22 @@ def bench_train(model_dir: str, warmup: int, repeats: int) -> dict:
     return res
 
 
-def bench_score(model_dir: str, warmup: int, repeats: int) -> dict:
+def bench_score(model_dir: str, warmup: int, repeats: int, bf16: bool = False) -> dict:
+    """The score workload; with `bf16`, under CPU autocast to bfloat16 (the
+    weights stay f32, matrix products run in bf16: oneDNN's AVX512-BF16/AMX
+    kernels where the CPU has them)."""
     model = load_model(model_dir)
     ids = random_ids(vocab_size(model), BATCH, SEQ_LEN, SEED + 1)
     shape = []
 
     @torch.inference_mode()
     def fwd():
-        logits = model(input_ids=ids, use_cache=False).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=ids, use_cache=False).logits
         shape[:] = list(logits.shape)
         return logits
 
-    t = timed(fwd, warmup, repeats, "score")
+    t = timed(fwd, warmup, repeats, "score_bf16" if bf16 else "score")
     res = {
         "tokens_per_s": BATCH * SEQ_LEN / t["median_s"],
         "best_tokens_per_s": BATCH * SEQ_LEN / t["min_s"],
@@ -262,31 +266,6 @@ def bench_score(model_dir: str, warmup: int, repeats: int) -> dict:
         "seq_len": SEQ_LEN,
         "forward_s": t["median_s"],
         "logits_shape": shape,
-        "timing": t,
-    }
-    del model
-    return res
-
-
-def bench_score_bf16(model_dir: str, warmup: int, repeats: int) -> dict:
-    """The score workload under CPU autocast to bfloat16 (the weights stay f32,
-    matrix products run in bf16: oneDNN's AVX512-BF16/AMX kernels where the CPU
-    has them)."""
-    model = load_model(model_dir)
-    ids = random_ids(vocab_size(model), BATCH, SEQ_LEN, SEED + 1)
-
-    @torch.inference_mode()
-    def fwd():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return model(input_ids=ids, use_cache=False).logits
-
-    t = timed(fwd, warmup, repeats, "score_bf16")
-    res = {
-        "tokens_per_s": BATCH * SEQ_LEN / t["median_s"],
-        "best_tokens_per_s": BATCH * SEQ_LEN / t["min_s"],
-        "batch": BATCH,
-        "seq_len": SEQ_LEN,
-        "forward_s": t["median_s"],
         "timing": t,
     }
     del model
@@ -516,7 +495,7 @@ def main() -> int:
         with Phase(name) as ph:
             result[name] = fns[name](args.model, *plan[name])
             if name == "score":
-                result["score_bf16"] = bench_score_bf16(args.model, *plan[name])
+                result["score_bf16"] = bench_score(args.model, *plan[name], bf16=True)
         gc.collect()
         memory[name] = ph.info()
     memory["note"] = (

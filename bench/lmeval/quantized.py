@@ -20,19 +20,9 @@ import os
 import random
 import sys
 
+from compare import load_jsonl, read_wall
+
 METRICS = [("acc", "pred"), ("acc_char", "pred_norm_chars"), ("acc_norm", "pred_norm")]
-
-
-def load_jsonl(path):
-    with open(path) as f:
-        return [json.loads(l) for l in f if l.strip()]
-
-
-def read_wall(path):
-    try:
-        return float(open(path).read().strip())
-    except (OSError, ValueError):
-        return None
 
 
 def scoring_s(path):
@@ -88,6 +78,9 @@ def main():
         f = {key(r): r for r in load_jsonl(fp)}
         q = {key(r): r for r in load_jsonl(qp)}
         items = sorted(set(f) & set(q))
+        if not items:
+            print(f"{name}: no item scored on both sides", file=sys.stderr)
+            continue
         if len(items) != len(q):
             print(f"{name}: {len(q)} quantized items, only {len(items)} of them scored in f32", file=sys.stderr)
         rng = random.Random(a.seed)

@@ -168,26 +168,28 @@ impl KvCache {
     /// Row `b` of a batched cache, its first `len` positions, as a batch-1
     /// cache: a right-padded batch's sequence without its padding.
     pub fn row(&self, b: usize, len: usize) -> Result<Self> {
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| match l {
-                None => Ok(None),
-                Some(l) => {
-                    let (k, v) = l.filled()?;
-                    let (k, v) = (
-                        k.narrow(0, b, 1)?.narrow(2, 0, len)?,
-                        v.narrow(0, b, 1)?.narrow(2, 0, len)?,
-                    );
-                    Ok(Some(LayerKv::with(&k, &v, len)?))
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self { layers })
+        self.map_layers(|k, v, _| {
+            let (k, v) = (
+                k.narrow(0, b, 1)?.narrow(2, 0, len)?,
+                v.narrow(0, b, 1)?.narrow(2, 0, len)?,
+            );
+            LayerKv::with(&k, &v, len)
+        })
     }
 
     /// Repeats a batch-1 cache `n` times along the batch dimension.
     pub fn expand_batch(&self, n: usize) -> Result<Self> {
+        self.map_layers(|k, v, len| {
+            let (k, v) = (k.repeat((n, 1, 1, 1))?, v.repeat((n, 1, 1, 1))?);
+            Ok(LayerKv { k, v, len })
+        })
+    }
+
+    /// A new cache from every filled layer's cached keys, values and length.
+    fn map_layers(
+        &self,
+        f: impl Fn(&Tensor, &Tensor, usize) -> candle_core::Result<LayerKv>,
+    ) -> Result<Self> {
         let layers = self
             .layers
             .iter()
@@ -195,8 +197,7 @@ impl KvCache {
                 None => Ok(None),
                 Some(l) => {
                     let (k, v) = l.filled()?;
-                    let (k, v) = (k.repeat((n, 1, 1, 1))?, v.repeat((n, 1, 1, 1))?);
-                    Ok(Some(LayerKv { k, v, len: l.len }))
+                    Ok(Some(f(&k, &v, l.len)?))
                 }
             })
             .collect::<Result<Vec<_>>>()?;

@@ -3,6 +3,16 @@ use crate::kernels::q4::quantize_row;
 
 use crate::testutil::uniform_values as values;
 
+/// The plain reference of row `t` of the product, output `r`: the
+/// dequantized weights times the 8-bit activations, in f64.
+fn reference(q: &Q8Matrix, wd: &[f32], x: &[f32], t: usize, r: usize) -> f64 {
+    let cols = q.cols();
+    let xr = quantize_row(&x[t * cols..(t + 1) * cols]);
+    (0..cols)
+        .map(|c| wd[r * cols + c] as f64 * xr.q[c] as f64 * xr.d[c / BLOCK] as f64)
+        .sum()
+}
+
 /// Within half a step of the input, and 8-bit values come back
 /// as they were.
 #[test]
@@ -37,9 +47,7 @@ fn matmul_equals_the_dequantized_product() {
         for t in 0..n {
             let xr = quantize_row(&x[t * cols..(t + 1) * cols]);
             for r in 0..rows {
-                let want: f64 = (0..cols)
-                    .map(|c| wd[r * cols + c] as f64 * xr.q[c] as f64 * xr.d[c / BLOCK] as f64)
-                    .sum();
+                let want = reference(&q, &wd, &x, t, r);
                 let got = y[t * rows + r] as f64;
                 assert!(
                     (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
@@ -77,11 +85,8 @@ fn tiled_product_equals_the_reference_on_every_kernel() {
             let mut y = vec![f32::NAN; n * rows];
             q.matmul_with(k, &x, n, &mut y);
             for t in 0..n {
-                let xr = quantize_row(&x[t * cols..(t + 1) * cols]);
                 for r in 0..rows {
-                    let want: f64 = (0..cols)
-                        .map(|c| wd[r * cols + c] as f64 * xr.q[c] as f64 * xr.d[c / BLOCK] as f64)
-                        .sum();
+                    let want = reference(&q, &wd, &x, t, r);
                     let got = y[t * rows + r] as f64;
                     assert!(
                         (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
