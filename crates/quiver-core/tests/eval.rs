@@ -340,19 +340,20 @@ fn jsonl_tasks_resolve_through_data() {
         ));
     }
     std::fs::write(&path, text).unwrap();
+    let path = path.to_str().unwrap();
     let all =
-        eval::resolve_tasks(&["mine".into()], EvalSplit::All, Some(&path), dir.path()).unwrap();
+        eval::resolve_tasks(&["mine".into()], EvalSplit::All, Some(path), dir.path()).unwrap();
     assert_eq!(all[0].examples.len(), 20);
     let val = eval::resolve_tasks(
         &["mine".into()],
         "validation".parse().unwrap(),
-        Some(&path),
+        Some(path),
         dir.path(),
     )
     .unwrap();
     assert_eq!(val[0].examples.len(), 2);
-    let err = eval::resolve_tasks(&["other".into()], EvalSplit::All, Some(&path), dir.path())
-        .unwrap_err();
+    let err =
+        eval::resolve_tasks(&["other".into()], EvalSplit::All, Some(path), dir.path()).unwrap_err();
     assert!(err.to_string().contains("other"), "{err}");
 }
 

@@ -30,8 +30,9 @@ pub struct ArrowArgs {
     pub gks: Vec<String>,
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Data of the experts' tasks for mu / phatgoose: `bigbench`, `olmo` or a JSONL path.
-    #[arg(long, default_value = "bigbench")]
+    /// Data of the experts' tasks for mu / phatgoose: `olmo+evals`, `olmo`, `evals`,
+    /// `bigbench:DIR` or a JSONL path.
+    #[arg(long, default_value = "olmo+evals")]
     pub source: String,
     /// Seed of the train/validation/test split of that data.
     #[arg(long, default_value_t = 0)]

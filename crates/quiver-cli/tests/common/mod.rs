@@ -81,6 +81,7 @@ pub fn assets_present(names: &[&str]) -> bool {
             "smollm2-135m" => home.join("models/smollm2-135m"),
             "olmo-tasks" => home.join("data/olmo"),
             "bigbench" => home.join("data/bigbench"),
+            "evals" => home.join("data/evals"),
             other => panic!("unknown asset {other}"),
         };
         dir.join(".quiver-complete").exists()

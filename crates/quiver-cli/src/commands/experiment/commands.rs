@@ -7,13 +7,11 @@ use quiver_core::library::ExpertLibrary;
 
 use super::config::{ExperimentConfig, Lib, RowKind};
 
-/// The JSONL file the training tasks come from, if they come from one
-/// (held-out siblings and library tasks are evaluated from it too).
+/// The source the training tasks come from (`quiver eval --data`): held-out
+/// siblings and library tasks are evaluated from it too, split by the same
+/// seeded shuffle as training, so test items are never training items.
 pub fn train_data(cfg: &ExperimentConfig) -> Option<String> {
-    match cfg.train.source.as_str() {
-        "bigbench" | "olmo" | "olmo-tasks" => None,
-        p => Some(p.to_string()),
-    }
+    Some(cfg.train.source.clone())
 }
 
 /// Where library `lib` of the experiment lives: `[library] root` (a

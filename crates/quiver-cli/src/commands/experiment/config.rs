@@ -50,7 +50,8 @@ pub struct TrainSection {
     /// Training tasks besides the families' library tasks (never a held-out task).
     #[serde(default)]
     pub tasks: Vec<String>,
-    /// Where they come from: `bigbench` (default), `olmo` or a JSONL path.
+    /// Where they come from: `olmo+evals` (default), `olmo`, `evals`,
+    /// `bigbench:DIR` (a local BIG-bench copy) or a JSONL path.
     #[serde(default = "d_source")]
     pub source: String,
     pub steps: usize,
@@ -89,7 +90,7 @@ pub struct TrainSection {
 }
 
 fn d_source() -> String {
-    "bigbench".into()
+    "olmo+evals".into()
 }
 fn d_lr() -> f64 {
     1e-3
@@ -191,6 +192,15 @@ pub struct EvalSection {
     /// with the base model (0: skip that table).
     #[serde(default = "d_own_limit")]
     pub own_limit: usize,
+    /// A held-out sibling whose most common gold answer is more
+    /// than this share of its items is refused: a route that only learned to
+    /// say that answer would look like transfer (1.0 allows any).
+    #[serde(default = "d_max_majority")]
+    pub max_majority: f64,
+}
+
+fn d_max_majority() -> f64 {
+    0.7
 }
 
 fn d_split() -> String {

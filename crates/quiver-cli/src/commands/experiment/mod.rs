@@ -141,6 +141,26 @@ pub struct DemoArgs {
     /// Print the plan and the commands, run nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// A smoke run of the same pipeline on the same tasks, in minutes: 2
+    /// training steps per expert and 4 items per held-out sibling (default
+    /// output: $QUIVER_HOME/runs/demo-smoke). Checks that the demo's data can
+    /// be had and every step runs; its numbers mean nothing.
+    #[arg(long)]
+    pub smoke: bool,
+}
+
+/// The demo's config cut to a smoke run (`quiver demo --smoke`).
+fn smoke(cfg: &mut ExperimentConfig) {
+    cfg.name = format!("{}-smoke", cfg.name);
+    cfg.train.steps = 2;
+    cfg.train.cluster_steps = Some(2);
+    cfg.train.shared_steps = Some(2);
+    cfg.train.oracle_steps = Some(2);
+    cfg.train.max_eval_examples = 2;
+    cfg.eval.held_out_limit = Some(4);
+    cfg.eval.select_limit = cfg.eval.select_limit.min(4);
+    cfg.eval.own_limit = cfg.eval.own_limit.min(4);
+    cfg.eval.limit = cfg.eval.limit.map(|l| l.min(4));
 }
 
 /// One child `quiver` command.
@@ -479,11 +499,15 @@ pub fn run_experiment(g: &GlobalArgs, a: ExperimentArgs) -> Result<ExitCode> {
 }
 
 pub fn run_demo(g: &GlobalArgs, a: DemoArgs) -> Result<ExitCode> {
-    let cfg = ExperimentConfig::parse(DEMO_CONFIG, "configs/demo.toml")?;
-    let out = a
-        .out
-        .clone()
-        .unwrap_or_else(|| quiver_core::assets::quiver_home().join("runs").join("demo"));
+    let mut cfg = ExperimentConfig::parse(DEMO_CONFIG, "configs/demo.toml")?;
+    if a.smoke {
+        smoke(&mut cfg);
+    }
+    let out = a.out.clone().unwrap_or_else(|| {
+        quiver_core::assets::quiver_home()
+            .join("runs")
+            .join(if a.smoke { "demo-smoke" } else { "demo" })
+    });
     let mode = Mode {
         dry_run: a.dry_run,
         executor: Executor::Local,
@@ -573,6 +597,17 @@ fn run_pipeline(
     let mut loaded = BTreeMap::new();
     for t in train_tasks.iter().chain(&held_out) {
         loaded.insert(t.clone(), source.load_task(t)?);
+    }
+    for t in &held_out {
+        if let Some(m) = quiver_core::data::majority_share(&loaded[t]) {
+            if m > cfg.eval.max_majority {
+                bail!(
+                    "held-out task `{t}`: {:.1}% of its items have the same gold answer, above [eval] max_majority = {:.0}%: a route that only learned to give that answer would look like transfer; hold out another task (or raise max_majority and read the table against that baseline)",
+                    100.0 * m,
+                    100.0 * cfg.eval.max_majority
+                );
+            }
+        }
     }
     let contamination = report::contamination(cfg, &loaded);
     drop(loaded);
