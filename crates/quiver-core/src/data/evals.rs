@@ -39,7 +39,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::{parallel_map, unknown_task, Example, TaskInfo};
+use super::{load_named, parallel_map, Example, TaskInfo};
 use crate::error::{Error, Result};
 
 /// At most this many distinct ideal answers make a closed set.
@@ -438,21 +438,11 @@ pub(crate) fn list_tasks(root: &Path) -> Result<Vec<TaskInfo>> {
 }
 
 pub(crate) fn load_task(root: &Path, name: &str, source: &str) -> Result<Vec<Example>> {
-    let tasks = scan(root)?;
-    match tasks.get(name) {
-        Some(t) => {
-            let (ex, skipped) = load(t)?;
-            if let Some(note) = skipped.note() {
-                tracing::warn!("evals task `{name}`: {note}");
-            }
-            Ok(ex)
-        }
-        None => Err(unknown_task(
-            name,
-            source,
-            &tasks.into_keys().collect::<Vec<_>>(),
-        )),
+    let (ex, skipped) = load_named(scan(root)?, name, source, load)?;
+    if let Some(note) = skipped.note() {
+        tracing::warn!("evals task `{name}`: {note}");
     }
+    Ok(ex)
 }
 
 pub(crate) fn task_names(root: &Path) -> Result<Vec<String>> {

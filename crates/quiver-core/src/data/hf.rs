@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
-use super::{arrow::read_rows, olmo::doc_example, parallel_map, unknown_task, Example, TaskInfo};
+use super::{arrow::read_rows, list_loaded, load_named, olmo::doc_example, Example, TaskInfo};
 use crate::error::{Error, Result};
 
 /// The directory of the Hugging Face datasets under an olmo asset root.
@@ -207,13 +207,7 @@ fn tasks(root: &Path) -> Result<BTreeMap<String, (SplitDir, bool)>> {
 }
 
 pub(crate) fn list_tasks(root: &Path) -> Result<Vec<TaskInfo>> {
-    let tasks: Vec<(String, (SplitDir, bool))> = tasks(root)?.into_iter().collect();
-    let loaded = parallel_map(&tasks, |(name, (s, mc))| load_split_dir(name, s, *mc));
-    tasks
-        .iter()
-        .zip(loaded)
-        .map(|((name, _), ex)| Ok(TaskInfo::from_examples(name, &ex?)))
-        .collect()
+    list_loaded(&tasks(root)?, |name, (s, mc)| load_split_dir(name, s, *mc))
 }
 
 pub(crate) fn task_names(root: &Path) -> Result<Vec<String>> {
@@ -221,15 +215,9 @@ pub(crate) fn task_names(root: &Path) -> Result<Vec<String>> {
 }
 
 pub(crate) fn load_task(root: &Path, name: &str, source: &str) -> Result<Vec<Example>> {
-    let tasks = tasks(root)?;
-    match tasks.get(name) {
-        Some((s, mc)) => load_split_dir(name, s, *mc),
-        None => Err(unknown_task(
-            name,
-            source,
-            &tasks.into_keys().collect::<Vec<_>>(),
-        )),
-    }
+    load_named(tasks(root)?, name, source, |(s, mc)| {
+        load_split_dir(name, s, *mc)
+    })
 }
 
 fn load_split_dir(name: &str, s: &SplitDir, mc: bool) -> Result<Vec<Example>> {

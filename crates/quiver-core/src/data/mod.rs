@@ -735,6 +735,39 @@ pub fn split_examples_with(
         .collect()
 }
 
+/// Every task of a source's name -> location map, loaded in parallel and
+/// listed with its counts and majority share.
+pub(crate) fn list_loaded<V: Sync>(
+    tasks: &std::collections::BTreeMap<String, V>,
+    load: impl Fn(&str, &V) -> Result<Vec<Example>> + Sync,
+) -> Result<Vec<TaskInfo>> {
+    let tasks: Vec<(&String, &V)> = tasks.iter().collect();
+    let loaded = parallel_map(&tasks, |(name, v)| load(name, v));
+    tasks
+        .iter()
+        .zip(loaded)
+        .map(|((name, _), ex)| Ok(TaskInfo::from_examples(name, &ex?)))
+        .collect()
+}
+
+/// The task `name` of a source's name -> location map, loaded, or an
+/// [`Error::UnknownTask`] with hints from the map's names.
+pub(crate) fn load_named<V, T>(
+    mut tasks: std::collections::BTreeMap<String, V>,
+    name: &str,
+    source: &str,
+    load: impl FnOnce(&V) -> Result<T>,
+) -> Result<T> {
+    match tasks.remove(name) {
+        Some(v) => load(&v),
+        None => Err(unknown_task(
+            name,
+            source,
+            &tasks.into_keys().collect::<Vec<_>>(),
+        )),
+    }
+}
+
 /// The hint of an [`Error::UnknownTask`]: ` in <source>; did you mean ...?`
 /// from the names that extend `name` (its subtasks or splits), are close
 /// to it, or contain it.

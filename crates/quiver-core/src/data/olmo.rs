@@ -39,7 +39,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use super::{parallel_map, unknown_task, Example, Split, TaskInfo};
+use super::{list_loaded, load_named, Example, Split, TaskInfo};
 use crate::error::{Error, Result};
 
 /// Requests with a `doc_id` at or above this are unconditional duplicates.
@@ -357,14 +357,8 @@ fn load_variant(v: &Variant) -> Result<Vec<Example>> {
 }
 
 pub(crate) fn list_tasks(root: &Path) -> Result<Vec<TaskInfo>> {
-    let tasks: Vec<Variant> = tasks(root)?.into_values().collect();
     // Loaded (not only counted from config.json) for the majority share.
-    let loaded = parallel_map(&tasks, load_variant);
-    tasks
-        .iter()
-        .zip(loaded)
-        .map(|(v, ex)| Ok(TaskInfo::from_examples(&v.name, &ex?)))
-        .collect()
+    list_loaded(&tasks(root)?, |_, v| load_variant(v))
 }
 
 pub(crate) fn task_names(root: &Path) -> Result<Vec<String>> {
@@ -372,26 +366,7 @@ pub(crate) fn task_names(root: &Path) -> Result<Vec<String>> {
 }
 
 pub(crate) fn load_task(root: &Path, name: &str, source: &str) -> Result<Vec<Example>> {
-    let tasks = tasks(root)?;
-    match tasks.get(name) {
-        Some(v) => load_variant(v),
-        None => {
-            let names: Vec<String> = tasks.into_keys().collect();
-            Err(unknown_task(name, source, &names))
-        }
-    }
-}
-
-/// The variant directory behind an olmo task name (for provenance).
-pub fn variant_dir(root: &Path, name: &str) -> Result<PathBuf> {
-    let tasks = tasks(root)?;
-    match tasks.get(name) {
-        Some(v) => Ok(v.dir.clone()),
-        None => {
-            let names: Vec<String> = tasks.into_keys().collect();
-            Err(unknown_task(name, "olmo", &names))
-        }
-    }
+    load_named(tasks(root)?, name, source, load_variant)
 }
 
 #[cfg(test)]
