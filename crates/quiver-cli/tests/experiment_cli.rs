@@ -448,3 +448,85 @@ fn experiment_libraries_on_s3_give_the_same_table() {
         "{keys:?}"
     );
 }
+
+/// A held-out sibling whose most common answer is most of its items would
+/// make a route that learned only that answer look like transfer: the
+/// experiment refuses it, naming the task and its share, unless
+/// `[eval] max_majority` allows it.
+#[test]
+fn a_degenerate_held_out_sibling_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, _) = write_data(dir.path());
+    let mut text = std::fs::read_to_string(&train).unwrap();
+    for i in 0..30 {
+        let v = serde_json::json!({
+            "task": "always_y",
+            "source": format!("Is word {i} a word? Answer Y or N:"),
+            "target": if i % 10 == 0 { "N" } else { "Y" },
+            "options": ["N", "Y"],
+            "answer": if i % 10 == 0 { 0 } else { 1 },
+        });
+        text.push_str(&format!("{v}\n"));
+    }
+    std::fs::write(&train, text).unwrap();
+    let cfg = |max_majority: &str| {
+        let text = format!(
+            r#"
+name = "degenerate"
+model = "{model}"
+
+[train]
+source = "{train}"
+steps = 2
+max_input_len = 32
+max_target_len = 8
+
+[library]
+k = 1
+
+[families.words]
+library = ["plural_a"]
+held_out = ["always_y"]
+
+[eval]
+routes = ["base"]
+{max_majority}
+"#,
+            model = common::fixture("tiny_llama").display(),
+            train = train.display(),
+        );
+        let path = dir.path().join("degenerate.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let p = cfg("");
+    assert_clean_error(
+        quiver().args(["experiment", "--dry-run", "--config", p.to_str().unwrap()]),
+        &["always_y", "90.0%", "max_majority"],
+    );
+    let p = cfg("max_majority = 0.95");
+    let (o, _, err) = run(quiver().args([
+        "experiment",
+        "--dry-run",
+        "--quiet",
+        "--config",
+        p.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{err}");
+}
+
+/// The registry no longer serves BIG-bench: fetching it says so in one
+/// sentence with the way to use a local copy, never a pip error.
+#[test]
+fn fetching_bigbench_says_how_to_use_a_local_copy() {
+    let home = tempfile::tempdir().unwrap();
+    let mut cmd = quiver();
+    cmd.env("QUIVER_HOME", home.path())
+        .args(["fetch", "bigbench"]);
+    assert_clean_error(&mut cmd, &["no longer serves bigbench", "bigbench:DIR"]);
+    let (o, _, err) = run(quiver()
+        .env("QUIVER_HOME", home.path())
+        .args(["fetch", "bigbench"]));
+    assert!(!err.contains("pip"), "{err}");
+    assert!(!o.status.success());
+}
