@@ -269,28 +269,18 @@ pub fn is_asset_spec(spec: &str) -> bool {
 /// checkout or unpacked source package (`DIR/bigbench/benchmark_tasks`),
 /// its `bigbench` package directory, or `benchmark_tasks` itself.
 fn bigbench_tasks_dir(dir: &Path) -> Result<PathBuf> {
-    let cands = [
+    if !dir.is_dir() {
+        return Err(Error::NotFound {
+            path: dir.to_path_buf(),
+        });
+    }
+    Ok([
         dir.join("bigbench/benchmark_tasks"),
         dir.join("benchmark_tasks"),
-        dir.to_path_buf(),
-    ];
-    for c in &cands[..2] {
-        if c.is_dir() {
-            return Ok(c.clone());
-        }
-    }
-    let has_task_json = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .filter_map(|e| e.ok())
-        .any(|e| e.path().join("task.json").is_file() || e.path().is_dir());
-    if has_task_json {
-        Ok(cands[2].clone())
-    } else {
-        Err(Error::invalid(format!(
-            "{} is not a BIG-bench copy: expected bigbench/benchmark_tasks/<task>/task.json under it",
-            dir.display()
-        )))
-    }
+    ]
+    .into_iter()
+    .find(|c| c.is_dir())
+    .unwrap_or_else(|| dir.to_path_buf()))
 }
 
 impl DataSource {
